@@ -1,0 +1,88 @@
+"""Checks a config before any data is read or anything is compiled.
+
+Every error names the offending key, so a typo costs seconds, not a compile.
+"""
+
+import jax
+
+from barlow_jax import augment
+from barlow_jax import input_pipeline
+from barlow_jax import models
+
+
+class ConfigError(ValueError):
+  """An invalid config value; the message names the key."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _one_of(config, key: str, allowed) -> None:
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  _require(value in allowed, f'config.{key}={value!r} is not one of {sorted(allowed)}.')
+
+
+def validate_model(config) -> None:
+  m = config.model
+  _one_of(config, 'model.encoder', models.ENCODERS)
+  _one_of(config, 'model.stem', ('cifar', 'imagenet'))
+  _one_of(config, 'model.dtype', ('float32', 'bfloat16', 'float16'))
+  _require(m.width > 0, f'config.model.width={m.width} must be positive.')
+  try:
+    models.parse_mlp_spec(m.projector)
+  except ValueError as e:
+    raise ConfigError(f'config.model.projector: {e}') from None
+
+
+def validate_data(config) -> None:
+  _one_of(config, 'dataset', input_pipeline.DATASETS)
+  _require(0.0 < config.fraction <= 1.0, f'config.fraction={config.fraction} must be in (0, 1].')
+  b, n, p = config.batch_size, jax.device_count(), jax.process_count()
+  _require(b > 0, f'config.batch_size={b} must be positive.')
+  _require(b % n == 0, f'config.batch_size={b} must be divisible by the device count ({n}).')
+  _require(b % p == 0, f'config.batch_size={b} must be divisible by the process count ({p}).')
+
+
+def validate_augment(config) -> None:
+  a = config.augment
+  _require(a.crop_size > 0, f'config.augment.crop_size={a.crop_size} must be positive.')
+  for name in ('view1', 'view2'):
+    try:
+      view = augment.view_from_config(a[name])
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f'config.augment.{name}: {e}') from None
+    for field in ('crop', 'flip', 'jitter', 'grayscale', 'blur', 'solarize'):
+      p = getattr(view, field)
+      _require(0.0 <= p <= 1.0, f'config.augment.{name}.{field}={p} must be a probability in [0, 1].')
+    _require(view.blur_kernel > 0 and view.blur_kernel % 2 == 1,
+             f'config.augment.{name}.blur_kernel={view.blur_kernel} must be a positive odd integer.')
+    lo, hi = view.crop_scale
+    _require(0.0 < lo <= hi <= 1.0, f'config.augment.{name}.crop_scale={view.crop_scale} '
+             'must satisfy 0 < min <= max <= 1.')
+
+
+def validate_optimizer(config) -> None:
+  o = config.optimizer
+  _one_of(config, 'optimizer.name', ('lars', 'sgd', 'adamw'))
+  _one_of(config, 'optimizer.schedule', ('warmup_cosine', 'cosine_restarts', 'constant'))
+  _require(o.lr > 0, f'config.optimizer.lr={o.lr} must be positive.')
+  _require(o.weight_decay >= 0, f'config.optimizer.weight_decay={o.weight_decay} must be >= 0.')
+  steps, epochs = config.get('num_steps'), config.get('num_epochs')
+  _require(bool(steps and steps > 0) or bool(epochs and epochs > 0),
+           f'Set config.num_epochs > 0 or config.num_steps > 0 (got {epochs}, {steps}).')
+  _require(config.log_every > 0, f'config.log_every={config.log_every} must be positive.')
+  _require(config.checkpoint.every_steps > 0,
+           f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be positive.')
+
+
+def validate_pretrain(config) -> None:
+  """All checks for a Barlow Twins pretraining config; raises ConfigError."""
+  _require(config.lambd >= 0, f'config.lambd={config.lambd} must be >= 0.')
+  validate_model(config)
+  validate_data(config)
+  validate_augment(config)
+  validate_optimizer(config)

@@ -1,0 +1,214 @@
+"""TFDS input: per-process split, balanced label fractions, resumable batches.
+
+The host only reads, decodes and batches uint8 images; both views are made on
+the device (augment.py). The training stream is a pure function of
+``(seed, step)``: epoch ``e`` is the process's shard shuffled with seed
+``seed + e``, and a run resumed at step ``s`` skips exactly the records that
+steps ``0..s-1`` consumed, so a resumed run sees the same data in the same
+order as an uninterrupted one.
+"""
+
+import dataclasses
+from typing import Iterator, Optional
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# The train stream is Dataset.range(first_epoch, _MAX_EPOCHS); effectively endless.
+_MAX_EPOCHS = 1 << 40
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the pipeline needs to know about a TFDS dataset."""
+  tfds_name: str
+  num_classes: int
+  image_size: int  # Side of the square image handed to the device.
+  mean: tuple[float, float, float]  # Per-channel, in [0, 1] units.
+  std: tuple[float, float, float]
+  test_split: str = 'test'
+  fixed_size: bool = True  # False: variable-size images, resized on the host.
+
+
+DATASETS = {
+    'cifar10': DatasetSpec('cifar10', 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': DatasetSpec('cifar100', 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'stl10': DatasetSpec('stl10', 10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    # ImageNet images are resized (shorter side) and centre-cropped to 256 on
+    # the host; the random-resized crop to 224 happens on the device.
+    'imagenet2012': DatasetSpec('imagenet2012', 1000, 256, (0.485, 0.456, 0.406),
+                                (0.229, 0.224, 0.225), test_split='validation', fixed_size=False),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(f'config.dataset={name!r} is not one of {sorted(DATASETS)}.')
+  return DATASETS[name]
+
+
+def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder; downloads only when allowed and missing."""
+  spec = dataset_spec(name)
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  if not builder.is_prepared():
+    if not download:
+      raise FileNotFoundError(
+          f'Dataset {spec.tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
+          '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
+    builder.download_and_prepare()
+  return builder
+
+
+def _scan_labels(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(tfds_id, label) of every example of the split, images left undecoded."""
+  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
+                          read_config=tfds.ReadConfig(add_tfds_id=True))
+  ds = ds.map(lambda ex: (ex['tfds_id'], ex['label'])).batch(65536)
+  ids, labels = zip(*ds.as_numpy_iterator())
+  return np.concatenate(ids), np.concatenate(labels).astype(np.int64)
+
+
+def balanced_subset(labels: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
+  """Indices of a class-balanced subset: the same count for every class.
+
+  Each class contributes ``floor(fraction * len(labels) / num_classes)``
+  examples, drawn without replacement by ``seed``; e.g. 10% of CIFAR-10 train
+  is 500 per class (seed 000 takes 10% of all 60k images, 600 per class).
+
+  Returns:
+    Sorted indices into ``labels``.
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'config.fraction={fraction} must be in (0, 1].')
+  per_class = int(fraction * len(labels) / num_classes)
+  counts = np.bincount(labels[labels >= 0], minlength=num_classes)
+  if per_class < 1 or per_class > counts.min():
+    raise ValueError(f'config.fraction={fraction} asks for {per_class} examples per class; '
+                     f'the split has between {counts.min()} and {counts.max()} per class.')
+  rng = np.random.default_rng(seed)
+  chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+            for c in range(num_classes)]
+  return np.sort(np.concatenate(chosen))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+  """This process's shard of the training set."""
+  builder: tfds.core.DatasetBuilder
+  split: str  # This process's TFDS split expression.
+  subset_ids: Optional[np.ndarray]  # tfds_ids kept by the balanced fraction; None: all.
+  num_local: int  # Examples in this process's shard.
+  num_global: int  # Examples over all processes.
+  spec: DatasetSpec
+
+
+def load_train_data(config) -> TrainData:
+  """Resolves the dataset, the per-process split and the balanced fraction."""
+  spec = dataset_spec(config.dataset)
+  builder = get_builder(config.dataset, config.data_dir, config.download)
+  local_split = tfds.split_for_jax_process(config.train_split)
+  if config.fraction >= 1.0:
+    return TrainData(builder, local_split, None, builder.info.splits[local_split].num_examples,
+                     builder.info.splits[config.train_split].num_examples, spec)
+  ids, labels = _scan_labels(builder, config.train_split)
+  if (labels < 0).all():
+    raise ValueError(f'config.fraction={config.fraction} needs labels, but split '
+                     f'{config.train_split!r} is unlabelled.')
+  keep = ids[balanced_subset(labels, config.fraction, spec.num_classes, config.fraction_seed)]
+  local_ids, _ = _scan_labels(builder, local_split)
+  num_local = int(np.isin(local_ids, keep).sum())
+  logging.info('Balanced fraction %.3f: %d of %d examples (%d on this process).',
+               config.fraction, len(keep), len(ids), num_local)
+  return TrainData(builder, local_split, keep, num_local, len(keep), spec)
+
+
+def _decode_fn(data: TrainData):
+  image_feature = data.builder.info.features['image']
+  size = data.spec.image_size
+
+  def decode(ex):
+    image = image_feature.decode_example(ex['image'])
+    if not data.spec.fixed_size:
+      image = tf.image.resize(image, [size, size], preserve_aspect_ratio=True,
+                              method='bicubic', antialias=True)
+      image = tf.image.resize_with_crop_or_pad(image, size, size)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
+
+  return decode
+
+
+def _records(data: TrainData) -> tf.data.Dataset:
+  """The shard's raw (undecoded) records, filtered to the balanced subset."""
+  ds = data.builder.as_dataset(
+      split=data.split, shuffle_files=False,
+      decoders={'image': tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(add_tfds_id=data.subset_ids is not None))
+  if data.subset_ids is not None:
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(data.subset_ids),
+                                            tf.ones(len(data.subset_ids), tf.int32)), 0)
+    ds = ds.filter(lambda ex: table.lookup(ex['tfds_id']) > 0)
+  return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+
+def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int = 0,
+                  shuffle_buffer: int = 50_000, cache: bool = True) -> tf.data.Dataset:
+  """Endless batches of {'image': uint8 [b, H, W, 3], 'label': int32 [b]} from ``start_step``.
+
+  Batch ``s`` holds records ``[s*b, (s+1)*b)`` of the concatenation of
+  per-epoch shuffles, so it depends only on (seed, s): resuming is exact.
+  """
+  if data.num_local < local_batch:
+    raise ValueError(f'This process has {data.num_local} training examples, fewer than its '
+                     f'batch of {local_batch} (config.batch_size / process count).')
+  records = _records(data)
+  if cache:  # Encoded bytes: 150 MB for CIFAR; turn off for ImageNet-sized data.
+    records = records.cache()
+  first_epoch, offset = divmod(start_step * local_batch, data.num_local)
+  buffer = min(shuffle_buffer, data.num_local)
+
+  def epoch(e):
+    skip = tf.where(e == first_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
+    return records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False).skip(skip)
+
+  ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
+  ds = ds.map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_batches(builder, spec: DatasetSpec, split: str, local_batch: int) -> Iterator[dict]:
+  """One pass over this process's share of ``split``, every example exactly once.
+
+  The last batch is zero-padded to ``local_batch`` and every batch carries a
+  boolean 'mask' marking real examples, so metrics can sum over the mask and
+  divide once (nothing is dropped, whatever the batch size).
+  """
+  data = TrainData(builder, tfds.split_for_jax_process(split), None, 0, 0, spec)
+  ds = _records(data).map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE)
+  for batch in ds.batch(local_batch).prefetch(2).as_numpy_iterator():
+    n = len(batch['label'])
+    pad = local_batch - n
+    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    batch['mask'] = np.arange(local_batch) < n
+    yield batch
+
+
+def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:
+  """Per-process numpy batch -> one global jax.Array per key, sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def prefetch_to_mesh(iterator, sharding, size: int = 2) -> Iterator[dict]:
+  """Keeps ``size`` batches in flight to the devices (device_put is asynchronous)."""
+  queue = []
+  for batch in iterator:
+    queue.append(to_global(batch, sharding))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue

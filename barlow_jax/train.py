@@ -1,0 +1,257 @@
+"""Barlow Twins pretraining: state, the shard_map train step, checkpoints, the loop.
+
+One program runs on every device of a 1-D ``data`` mesh (``jax.shard_map``,
+which is also what ``jax.pmap`` is built on in current JAX). Parameters and
+optimiser state are replicated; each device augments and encodes its slice of
+the global batch; BatchNorm and the Barlow Twins normalisation see the global
+batch through collectives over ``DATA_AXIS``; each device computes its own
+block of rows of the cross-correlation matrix (losses.py).
+
+Gradients: with ``check_vma=True`` shard_map tracks which values differ per
+device, so the gradient of the (device-invariant) global loss with respect to
+the replicated parameters comes out already summed over devices and correct.
+Adding a ``pmean`` of grads here would be the pmap habit and is not needed;
+tests/test_train_step.py checks 8 devices against 1.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metric_writers
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from barlow_jax import augment
+from barlow_jax import config_validation
+from barlow_jax import input_pipeline
+from barlow_jax import losses
+from barlow_jax import models
+from barlow_jax import optim
+
+# The one mesh axis; BatchNorm, the loss and every collective use this name.
+DATA_AXIS = 'data'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates done.
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # Base key; step keys are fold_in(rng, step), so resume is exact.
+
+
+def make_mesh(devices=None) -> Mesh:
+  # Mesh(...) has Auto axis types (jax.make_mesh would default to Explicit).
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def create_train_state(config, model: models.BarlowTwinsModel, tx, mesh: Mesh) -> TrainState:
+  """Initial state, replicated over the mesh."""
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  size = config.augment.crop_size
+
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
+  def init():
+    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+    variables = model.init(init_rng, dummy, train=False)
+    params = variables['params']
+    return TrainState(step=jnp.int32(0), params=params, batch_stats=variables['batch_stats'],
+                      opt_state=tx.init(params), rng=state_rng)
+
+  return init()
+
+
+def _probe_metrics(logits, labels):
+  """Global masked cross-entropy and accuracy of the online probe (labels < 0 ignored)."""
+  valid = labels >= 0
+  safe = jnp.where(valid, labels, 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  correct = (jnp.argmax(logits, -1) == safe) & valid
+  count = jnp.maximum(jax.lax.psum(valid.sum(), DATA_AXIS), 1)
+  loss = jax.lax.psum(jnp.where(valid, ce, 0.0).sum(), DATA_AXIS) / count
+  return loss, jax.lax.psum(correct.sum(), DATA_AXIS) / count
+
+
+def make_train_step(config, model: models.BarlowTwinsModel, tx, mesh: Mesh,
+                    lr_schedule: Callable) -> Callable:
+  """Returns jitted ``train_step(state, batch) -> (state, metrics)``; state is donated.
+
+  ``batch`` is {'image': uint8 [N, H, W, 3], 'label': int32 [N]} sharded over
+  the mesh, N the global batch. Both views are augmented on the device.
+  """
+  aug = config.augment
+  spec = input_pipeline.dataset_spec(config.dataset)
+  view1, view2 = augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)
+  dtype = jnp.dtype(config.model.dtype)
+  lambd = config.lambd
+
+  def views(keys, images, view):
+    x = augment.augment_batch(keys, images, view, aug.crop_size)
+    return augment.normalize(x, spec.mean, spec.std).astype(dtype)
+
+  def per_device(state, images, labels, keys1, keys2):
+    x1, x2 = views(keys1, images, view1), views(keys2, images, view2)
+
+    def loss_fn(params):
+      # The encoder runs once per view, as in the official code, so BN
+      # statistics are per view; running averages are updated twice in turn.
+      out1, upd = model.apply({'params': params, 'batch_stats': state.batch_stats}, x1,
+                              train=True, mutable=['batch_stats'])
+      out2, upd = model.apply({'params': params, 'batch_stats': upd['batch_stats']}, x2,
+                              train=True, mutable=['batch_stats'])
+      terms = losses.barlow_twins_terms(out1['embeddings'], out2['embeddings'], DATA_AXIS)
+      bt_loss = terms.on_diag + lambd * terms.off_diag
+      probe_loss, probe_acc = _probe_metrics(out1['probe_logits'], labels)
+      # The probe reads stop_gradient(features): its loss trains only the probe.
+      metrics = {'bt_loss': bt_loss, 'on_diag': terms.on_diag, 'off_diag': terms.off_diag,
+                 'probe_loss': probe_loss, 'probe_accuracy': probe_acc}
+      return bt_loss + probe_loss, (upd['batch_stats'], metrics)
+
+    (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+                   learning_rate=lr_schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  sharded = jax.shard_map(
+      per_device, mesh=mesh,
+      in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS)),
+      out_specs=(P(), P()), check_vma=True)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state: TrainState, batch: dict):
+    # Keys for the global batch, then sliced per device: example i gets the
+    # same augmentation whatever the device count.
+    k1, k2 = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    n = batch['image'].shape[0]
+    keys1, keys2 = jax.random.split(k1, n), jax.random.split(k2, n)
+    return sharded(state, batch['image'], batch['label'], keys1, keys2)
+
+  return train_step
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.checkpoint.max_to_keep, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                               options=options)
+
+
+def restore_or_keep(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """The latest checkpoint restored into ``state``'s structure and shardings, if any."""
+  step = manager.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  logging.info('Resuming from checkpoint step %d in %s.', step, manager.directory)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def _write_config(workdir: str, config) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+class _Progress:
+  """Console line every config.log_every steps: loss, terms, lr, images/s, ETA."""
+
+  def __init__(self, total_steps: int, global_batch: int, start_step: int):
+    self.total, self.batch = total_steps, global_batch
+    self.last_step, self.last_time = start_step, time.time()
+
+  def __call__(self, step: int, scalars: dict) -> None:
+    now = time.time()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(steps_per_s, 1e-9)
+    scalars['steps_per_sec'], scalars['images_per_sec'] = steps_per_s, steps_per_s * self.batch
+    logging.info('step %d/%d  loss %.3f (on %.3f, off %.3f)  probe acc %.3f  lr %.4g  '
+                 '%.1f img/s  ETA %s', step, self.total, scalars['bt_loss'], scalars['on_diag'],
+                 scalars['off_diag'], scalars['probe_accuracy'], scalars['learning_rate'],
+                 scalars['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+
+
+def _check_finite(scalars: dict, first: int, last: int, manager) -> None:
+  if all(np.isfinite(v) for v in scalars.values()):
+    return
+  manager.wait_until_finished()
+  raise FloatingPointError(
+      f'Non-finite metrics between steps {first} and {last}: {scalars}. '
+      f'The last good checkpoint (step {manager.latest_step()}) is kept.')
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Pretrains with Barlow Twins into ``workdir``, resuming from its latest checkpoint.
+
+  Returns:
+    The final TrainState (replicated over the mesh).
+  """
+  config_validation.validate_pretrain(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh()
+  data = input_pipeline.load_train_data(config)
+  steps_per_epoch = max(1, data.num_global // config.batch_size)
+  total_steps = optim.num_train_steps(config, steps_per_epoch)
+  model = models.create_model(config, axis_name=DATA_AXIS)
+  tx, lr_schedule = optim.create_optimizer(config, steps_per_epoch, total_steps)
+
+  manager = checkpoint_manager(workdir, config)
+  state = restore_or_keep(manager, create_train_state(config, model, tx, mesh))
+  start_step = int(state.step)
+  _write_config(workdir, config)
+  logging.info('%d examples, %d steps/epoch, %d steps, start at %d; %d devices, %d processes.',
+               data.num_global, steps_per_epoch, total_steps, start_step,
+               jax.device_count(), jax.process_count())
+
+  train_step = make_train_step(config, model, tx, mesh, lr_schedule)
+  local_batch = config.batch_size // jax.process_count()
+  batches = input_pipeline.prefetch_to_mesh(
+      input_pipeline.train_dataset(data, local_batch, config.seed, start_step,
+                                   cache=config.cache_dataset).as_numpy_iterator(),
+      NamedSharding(mesh, P(DATA_AXIS)))
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  progress = _Progress(total_steps, config.batch_size, start_step)
+
+  summed, count = None, 0
+  for step in range(start_step, total_steps):
+    batch = next(batches)
+    if step == start_step:
+      t0 = time.time()
+      train_step = train_step.lower(state, batch).compile()
+      logging.info('Compiled the train step in %.1f s.', time.time() - t0)
+      progress.last_time = time.time()  # Throughput excludes compilation.
+    state, metrics = train_step(state, batch)
+    # Summed on the device: no host sync except at logging steps.
+    summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
+    count += 1
+    done = step + 1
+    log_now = done % config.log_every == 0 or done == total_steps
+    save_now = done % config.checkpoint.every_steps == 0 or done == total_steps
+    if log_now or save_now:
+      # Checked before every save, so a non-finite state is never checkpointed.
+      scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
+      _check_finite(scalars, done - count + 1, done, manager)
+      if log_now:
+        progress(done, scalars)
+        writer.write_scalars(done, {f'train/{k}': v for k, v in scalars.items()})
+        summed, count = None, 0
+    if save_now:
+      manager.save(done, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  writer.flush()
+  return state
