@@ -84,25 +84,34 @@ def barlow_twins_terms(
     return _terms_from_rows(c, jnp.diagonal(c))
 
   num_devices = lax.axis_size(axis_name)
-  dim = z1.shape[1]
-  global_batch = z1.shape[0] * num_devices
-  if dim % num_devices:
+  if z1.shape[1] % num_devices:
     # Rare (D not a multiple of the device count): all-reduce the full matrix.
-    c = lax.psum(_matmul_t(z1n, z2n), axis_name) / global_batch
+    c = lax.psum(_matmul_t(z1n, z2n), axis_name) / (z1.shape[0] * num_devices)
     return _terms_from_rows(c, jnp.diagonal(c))
-
-  # Device k owns rows [k*D/K, (k+1)*D/K) of C. all_to_all hands it those
-  # feature columns of z1 for the whole global batch; all_gather hands it all
-  # of z2. Traffic is O(N*D) and no device ever holds the full D x D matrix.
-  rows = dim // num_devices
-  z1_cols = lax.all_to_all(z1n, axis_name, split_axis=1, concat_axis=0, tiled=True)
-  z2_all = lax.all_gather(z2n, axis_name, axis=0, tiled=True)
-  c_rows = _matmul_t(z1_cols, z2_all) / global_batch  # [D/K, D]
+  c_rows = cross_correlation_rows(z1n, z2n, axis_name)
+  rows = c_rows.shape[0]
   first = lax.axis_index(axis_name) * rows
   diag = jnp.diagonal(lax.dynamic_slice_in_dim(c_rows, first, rows, axis=1))
   local = _terms_from_rows(c_rows, diag)
   return BarlowTwinsTerms(lax.psum(local.on_diag, axis_name),
                           lax.psum(local.off_diag, axis_name))
+
+
+def cross_correlation_rows(z1n: jax.Array, z2n: jax.Array, axis_name: str) -> jax.Array:
+  """This device's block of rows of C from standardised, batch-sharded embeddings.
+
+  Device k owns rows [k*D/K, (k+1)*D/K) of C. all_to_all hands it those
+  feature columns of z1 for the whole global batch; all_gather hands it all
+  of z2. Traffic is O(N*D) and no device ever holds the full D x D matrix.
+  D must be divisible by the number of devices K.
+
+  Returns:
+    [D/K, D] float32.
+  """
+  global_batch = z1n.shape[0] * lax.axis_size(axis_name)
+  z1_cols = lax.all_to_all(z1n, axis_name, split_axis=1, concat_axis=0, tiled=True)
+  z2_all = lax.all_gather(z2n, axis_name, axis=0, tiled=True)
+  return _matmul_t(z1_cols, z2_all) / global_batch
 
 
 def barlow_twins_loss(

@@ -121,7 +121,7 @@ def make_train_step(config, model: models.BarlowTwinsModel, tx, mesh: Mesh,
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                    learning_rate=lr_schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
@@ -227,6 +227,20 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   progress = _Progress(total_steps, config.batch_size, start_step)
 
+  try:
+    state = _run_steps(config, state, train_step, batches, manager, writer, progress,
+                       start_step, total_steps)
+  finally:
+    # On any exception too: an in-flight save of a good state is completed,
+    # never left half-written for the next run to trip over.
+    manager.wait_until_finished()
+    writer.flush()
+  return state
+
+
+def _run_steps(config, state, train_step, batches, manager, writer, progress,
+               start_step: int, total_steps: int) -> TrainState:
+  """The training loop: step, log every log_every, checkpoint every every_steps."""
   summed, count = None, 0
   for step in range(start_step, total_steps):
     batch = next(batches)
@@ -236,7 +250,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
       logging.info('Compiled the train step in %.1f s.', time.time() - t0)
       progress.last_time = time.time()  # Throughput excludes compilation.
     state, metrics = train_step(state, batch)
-    # Summed on the device: no host sync except at logging steps.
+    # Summed on the device: no host sync except at logging and saving steps.
     summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
     count += 1
     done = step + 1
@@ -252,6 +266,4 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         summed, count = None, 0
     if save_now:
       manager.save(done, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  writer.flush()
   return state

@@ -1,0 +1,66 @@
+"""Balanced fractions and the resumable training stream, on the real CIFAR-10."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from barlow_jax import input_pipeline
+from conftest import DATA_DIR, needs_cifar10, tiny_config
+
+
+def test_balanced_subset_exact_counts_and_seeded():
+  labels = np.repeat(np.arange(10), [600, 550, 700, 500, 520, 800, 510, 505, 530, 900])
+  idx = input_pipeline.balanced_subset(labels, 0.1, 10, seed=3)
+  per_class = int(0.1 * len(labels) / 10)
+  assert np.bincount(labels[idx], minlength=10).tolist() == [per_class] * 10
+  assert len(np.unique(idx)) == len(idx)
+  np.testing.assert_array_equal(idx, input_pipeline.balanced_subset(labels, 0.1, 10, seed=3))
+  assert not np.array_equal(idx, input_pipeline.balanced_subset(labels, 0.1, 10, seed=4))
+
+
+def test_balanced_subset_rejects_impossible_fractions():
+  labels = np.repeat(np.arange(2), [90, 10])
+  with pytest.raises(ValueError, match='fraction=0.5 asks for 25 examples per class'):
+    input_pipeline.balanced_subset(labels, 0.5, 2, seed=0)
+  with pytest.raises(ValueError, match=r'fraction=0 must be in \(0, 1\]'):
+    input_pipeline.balanced_subset(labels, 0, 2, seed=0)
+
+
+@needs_cifar10
+def test_cifar10_fraction_stream_is_balanced_and_resumable():
+  config = tiny_config()
+  config.fraction = 0.02  # 100 images per class.
+  data = input_pipeline.load_train_data(config)
+  assert data.num_global == data.num_local == 1000
+
+  def take(start, n):
+    ds = input_pipeline.train_dataset(data, local_batch=100, seed=7, start_step=start)
+    return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
+
+  epoch = take(0, 12)  # 10 batches = one epoch, then two into the next one.
+  labels = np.concatenate([b['label'] for b in epoch[:10]])
+  assert collections.Counter(labels.tolist()) == {c: 100 for c in range(10)}
+  images = np.concatenate([b['image'] for b in epoch[:10]])
+  assert len({im.tobytes() for im in images}) == 1000  # Each example once per epoch.
+  assert not np.array_equal(epoch[0]['image'], epoch[10]['image'])  # Reshuffled.
+  for start in (3, 10, 11):  # Mid-epoch, at and past the epoch boundary.
+    resumed = take(start, 12 - start)
+    for a, b in zip(resumed, epoch[start:]):
+      np.testing.assert_array_equal(a['image'], b['image'])
+
+
+@needs_cifar10
+def test_missing_dataset_names_the_data_dir(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    input_pipeline.get_builder('cifar10', str(tmp_path), download=False)
+
+
+@needs_cifar10
+def test_eval_batches_pad_and_mask_every_example_once():
+  builder = input_pipeline.get_builder('cifar10', DATA_DIR, download=False)
+  spec = input_pipeline.dataset_spec('cifar10')
+  batches = list(input_pipeline.eval_batches(builder, spec, 'test[:1003]', local_batch=100))
+  assert len(batches) == 11 and all(len(b['label']) == 100 for b in batches)
+  assert sum(int(b['mask'].sum()) for b in batches) == 1003
+  assert not batches[-1]['mask'][3:].any()

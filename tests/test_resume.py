@@ -1,0 +1,40 @@
+"""A crashed run resumes from its last checkpoint and ends exactly where an uninterrupted run does."""
+
+import jax
+import numpy as np
+import pytest
+
+from barlow_jax import input_pipeline
+from barlow_jax import train
+from conftest import needs_cifar10, tiny_config
+
+
+class SimulatedCrash(Exception):
+  pass
+
+
+@needs_cifar10
+def test_crash_and_resume_gives_identical_parameters(tmp_path, monkeypatch):
+  config = tiny_config()  # 4 steps, checkpoint every 2.
+  straight = jax.device_get(train.train_and_evaluate(config, str(tmp_path / 'straight')))
+
+  real_prefetch = input_pipeline.prefetch_to_mesh
+
+  def crash_after_two_batches(iterator, sharding, size=2):
+    for i, batch in enumerate(real_prefetch(iterator, sharding, size)):
+      if i == 2:
+        raise SimulatedCrash()
+      yield batch
+
+  workdir = str(tmp_path / 'resumed')
+  monkeypatch.setattr(input_pipeline, 'prefetch_to_mesh', crash_after_two_batches)
+  with pytest.raises(SimulatedCrash):
+    train.train_and_evaluate(config, workdir)
+  assert train.checkpoint_manager(workdir, config).latest_step() == 2
+  monkeypatch.setattr(input_pipeline, 'prefetch_to_mesh', real_prefetch)
+  resumed = jax.device_get(train.train_and_evaluate(config, workdir))
+
+  assert int(resumed.step) == int(straight.step) == 4
+  for tree in ('params', 'batch_stats', 'opt_state'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(resumed, tree), getattr(straight, tree))
+  np.testing.assert_array_equal(resumed.rng, straight.rng)

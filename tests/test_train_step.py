@@ -1,0 +1,77 @@
+"""One train step on 8 devices equals one step on 1 device with the same global batch."""
+
+import jax
+import numpy as np
+import pytest
+
+from barlow_jax import config_validation
+from barlow_jax import models
+from barlow_jax import optim
+from barlow_jax import train
+from conftest import tiny_config
+
+
+def _one_step(config, devices, batch):
+  mesh = train.make_mesh(devices)
+  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=20)
+  state = train.create_train_state(config, model, tx, mesh)
+  step = train.make_train_step(config, model, tx, mesh, schedule)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
+  return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.parametrize('optimizer', ['lars', 'sgd'])
+def test_eight_devices_match_one(optimizer):
+  config = tiny_config()
+  config.optimizer.name = optimizer
+  config.optimizer.warmup_epochs = 0.0
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+           'label': rng.integers(0, 10, 16).astype(np.int32)}
+  state1, metrics1 = _one_step(config, jax.devices()[:1], batch)
+  state8, metrics8 = _one_step(config, jax.devices(), batch)
+
+  for key in ('bt_loss', 'on_diag', 'off_diag', 'probe_loss', 'grad_norm'):
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-5, err_msg=key)
+  # Parameters moved, and moved the same way.
+  init = jax.device_get(train.create_train_state(
+      config, models.create_model(config), optim.create_optimizer(config, 10, 20)[0],
+      train.make_mesh(jax.devices()[:1])))
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), state1.params, init.params))
+  assert max(moved) > 1e-4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
+               state8.params, state1.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               state8.batch_stats, state1.batch_stats)
+  assert int(state8.step) == int(state1.step) == 1
+
+
+def test_batch_not_divisible_by_devices_is_a_config_error():
+  config = tiny_config()
+  config.batch_size = 12  # 8 devices.
+  with pytest.raises(config_validation.ConfigError, match=r'batch_size=12.*device count \(8\)'):
+    config_validation.validate_pretrain(config)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('lambd', -1.0, r'config.lambd=-1.0'),
+    ('fraction', 1.5, r'config.fraction=1.5'),
+    ('fraction', 0.0, r'config.fraction=0.0'),
+    ('dataset', 'mnist', r"config.dataset='mnist'"),
+    ('model.encoder', 'resnet7', r"config.model.encoder='resnet7'"),
+    ('model.projector', '512-x', r'config.model.projector'),
+    ('optimizer.name', 'rmsprop', r"config.optimizer.name='rmsprop'"),
+    ('augment.view2.solarize', 1.2, r'config.augment.view2.solarize=1.2'),
+    ('augment.view1.blur_kernel', 4, r'config.augment.view1.blur_kernel=4'),
+])
+def test_invalid_values_name_the_key(key, value, message):
+  config = tiny_config()
+  *parents, leaf = key.split('.')
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_validation.ConfigError, match=message):
+    config_validation.validate_pretrain(config)
