@@ -3,6 +3,8 @@
 Every error names the offending key, so a typo costs seconds, not a compile.
 """
 
+import os
+
 import jax
 
 from barlow_jax import augment
@@ -86,3 +88,18 @@ def validate_pretrain(config) -> None:
   validate_data(config)
   validate_augment(config)
   validate_optimizer(config)
+
+
+def validate_linear(config) -> None:
+  """Checks for the linear-probe / kNN stage; raises ConfigError."""
+  workdir = config.pretrained_workdir
+  _require(bool(workdir), 'config.pretrained_workdir must be set to a pretraining workdir.')
+  _require(os.path.exists(os.path.join(workdir, 'config.json')),
+           f'config.pretrained_workdir={workdir!r} has no config.json (not a pretraining workdir?).')
+  _require(0.0 < config.label_fraction <= 1.0,
+           f'config.label_fraction={config.label_fraction} must be in (0, 1].')
+  _require(config.batch_size > 0 and config.batch_size % jax.device_count() == 0,
+           f'config.batch_size={config.batch_size} must be a positive multiple of the device '
+           f'count ({jax.device_count()}).')
+  _require(config.probe.epochs > 0, f'config.probe.epochs={config.probe.epochs} must be positive.')
+  _require(all(k > 0 for k in config.knn.k), f'config.knn.k={config.knn.k} must be positive.')

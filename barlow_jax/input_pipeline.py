@@ -181,21 +181,34 @@ def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int 
   return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_batches(builder, spec: DatasetSpec, split: str, local_batch: int) -> Iterator[dict]:
+def eval_batches(builder, spec: DatasetSpec, split: str, local_batch: int,
+                 num_batches: Optional[int] = None) -> Iterator[dict]:
   """One pass over this process's share of ``split``, every example exactly once.
 
   The last batch is zero-padded to ``local_batch`` and every batch carries a
   boolean 'mask' marking real examples, so metrics can sum over the mask and
-  divide once (nothing is dropped, whatever the batch size).
+  divide once (nothing is dropped, whatever the batch size). With
+  ``num_batches``, fully masked batches are appended up to that count, so that
+  every process runs the same number of (collective) steps.
   """
   data = TrainData(builder, tfds.split_for_jax_process(split), None, 0, 0, spec)
   ds = _records(data).map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE)
+  count = 0
   for batch in ds.batch(local_batch).prefetch(2).as_numpy_iterator():
-    n = len(batch['label'])
-    pad = local_batch - n
-    batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
-    batch['mask'] = np.arange(local_batch) < n
-    yield batch
+    yield _pad_batch(batch, local_batch)
+    count += 1
+  empty = {'image': np.zeros((0, spec.image_size, spec.image_size, 3), np.uint8),
+           'label': np.zeros((0,), np.int32)}
+  for _ in range(count, num_batches or 0):
+    yield _pad_batch(empty, local_batch)
+
+
+def _pad_batch(batch: dict, size: int) -> dict:
+  n = len(batch['label'])
+  out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+         for k, v in batch.items()}
+  out['mask'] = np.arange(size) < n
+  return out
 
 
 def to_global(batch: dict, sharding: jax.sharding.Sharding) -> dict:

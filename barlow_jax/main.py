@@ -15,7 +15,14 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from barlow_jax import config_validation
+from barlow_jax import linear_eval
 from barlow_jax import train
+
+# config.mode -> the stage's entry point, all with the signature (config, workdir).
+STAGES = {
+    'pretrain': train.train_and_evaluate,
+    'linear': linear_eval.run,
+}
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
@@ -30,8 +37,11 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
+  mode = FLAGS.config.get('mode', 'pretrain')
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if mode not in STAGES:
+      raise config_validation.ConfigError(f'config.mode={mode!r} is not one of {sorted(STAGES)}.')
+    STAGES[mode](FLAGS.config, FLAGS.workdir)
   except config_validation.ConfigError as e:
     logging.error('Invalid config: %s', e)
     print(f'Invalid config: {e}', file=sys.stderr)

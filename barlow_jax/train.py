@@ -167,11 +167,20 @@ def _write_config(workdir: str, config) -> None:
       f.write(config.to_json_best_effort(indent=2))
 
 
-class _Progress:
-  """Console line every config.log_every steps: loss, terms, lr, images/s, ETA."""
+class Progress:
+  """Console line every config.log_every steps: chosen metrics, images/s, ETA.
 
-  def __init__(self, total_steps: int, global_batch: int, start_step: int):
-    self.total, self.batch = total_steps, global_batch
+  Args:
+    total_steps: the step the run ends at.
+    global_batch: images per step, for images/s.
+    start_step: the step this process started (or resumed) at.
+    console_keys: metric names shown on the console, in order (all of them
+      go to TensorBoard regardless).
+  """
+
+  def __init__(self, total_steps: int, global_batch: int, start_step: int,
+               console_keys=('bt_loss', 'on_diag', 'off_diag', 'probe_accuracy', 'learning_rate')):
+    self.total, self.batch, self.keys = total_steps, global_batch, console_keys
     self.last_step, self.last_time = start_step, time.time()
 
   def __call__(self, step: int, scalars: dict) -> None:
@@ -180,9 +189,8 @@ class _Progress:
     self.last_step, self.last_time = step, now
     eta = (self.total - step) / max(steps_per_s, 1e-9)
     scalars['steps_per_sec'], scalars['images_per_sec'] = steps_per_s, steps_per_s * self.batch
-    logging.info('step %d/%d  loss %.3f (on %.3f, off %.3f)  probe acc %.3f  lr %.4g  '
-                 '%.1f img/s  ETA %s', step, self.total, scalars['bt_loss'], scalars['on_diag'],
-                 scalars['off_diag'], scalars['probe_accuracy'], scalars['learning_rate'],
+    shown = '  '.join(f'{k} {scalars[k]:.4g}' for k in self.keys if k in scalars)
+    logging.info('step %d/%d  %s  %.1f img/s  ETA %s', step, self.total, shown,
                  scalars['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
 
 
@@ -225,11 +233,11 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                    cache=config.cache_dataset).as_numpy_iterator(),
       NamedSharding(mesh, P(DATA_AXIS)))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  progress = _Progress(total_steps, config.batch_size, start_step)
+  progress = Progress(total_steps, config.batch_size, start_step)
 
   try:
-    state = _run_steps(config, state, train_step, batches, manager, writer, progress,
-                       start_step, total_steps)
+    state = run_steps(config, state, train_step, batches, manager, writer, progress,
+                      start_step, total_steps)
   finally:
     # On any exception too: an in-flight save of a good state is completed,
     # never left half-written for the next run to trip over.
@@ -238,9 +246,29 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   return state
 
 
-def _run_steps(config, state, train_step, batches, manager, writer, progress,
-               start_step: int, total_steps: int) -> TrainState:
-  """The training loop: step, log every log_every, checkpoint every every_steps."""
+def run_steps(config, state, train_step, batches, manager, writer, progress: Progress,
+              start_step: int, total_steps: int):
+  """The training loop shared by every stage that trains.
+
+  Runs ``state, metrics = train_step(state, batch)`` from start_step to
+  total_steps; averages metrics on the device and logs them every
+  config.log_every steps; saves ``state`` every config.checkpoint.every_steps
+  and at the end, after checking the metrics are finite.
+
+  Args:
+    config: needs log_every and checkpoint.every_steps.
+    state: any pytree (a TrainState here); saved as is with StandardSave.
+    train_step: jitted (state, batch) -> (state, metrics dict of scalars).
+    batches: iterator of device batches.
+    manager: the run's Orbax CheckpointManager.
+    writer: a clu metric writer.
+    progress: the console reporter.
+    start_step: the step ``state`` is at.
+    total_steps: the step to stop at.
+
+  Returns:
+    The final state.
+  """
   summed, count = None, 0
   for step in range(start_step, total_steps):
     batch = next(batches)

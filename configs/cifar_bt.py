@@ -27,6 +27,7 @@ from ml_collections import config_dict
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.mode = 'pretrain'  # Which stage barlow_jax.main runs.
 
   # Data: a TFDS name (see barlow_jax/input_pipeline.DATASETS). data_dir=None
   # uses TFDS_DATA_DIR or ~/tensorflow_datasets; download fetches if missing.

@@ -1,0 +1,88 @@
+r"""Images/s of the Barlow Twins train step, and of its parts, on the local devices.
+
+  python -m benchmarks.step_speed --config=configs/cifar_bt_cpu.py
+  python -m benchmarks.step_speed --config=configs/cifar_bt_cpu.py \
+      --config.model.width=64 --config.model.projector=2048-2048-2048   # the README's ResNet-18 reference
+
+Prints one line per measurement: the full step (augment + 2 forward/backward +
+loss + update), augmentation alone, and the encoder forward pass alone. Random
+uint8 images, so the input pipeline is not measured (see --input for that).
+"""
+
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from barlow_jax import augment
+from barlow_jax import input_pipeline
+from barlow_jax import models
+from barlow_jax import optim
+from barlow_jax import train
+
+config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+flags.DEFINE_integer('steps', 5, 'Timed steps after one warm-up step.')
+flags.DEFINE_bool('input', False, 'Also time the TFDS input pipeline on config.data_dir.')
+FLAGS = flags.FLAGS
+
+
+def _time(fn, steps):
+  jax.block_until_ready(fn())  # Compile and warm up.
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def main(_):
+  config = FLAGS.config
+  n = config.batch_size
+  size = input_pipeline.dataset_spec(config.dataset).image_size
+  mesh = train.make_mesh()
+  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  tx, schedule = optim.create_optimizer(config, 100, 1000)
+  state = train.create_train_state(config, model, tx, mesh)
+  step = train.make_train_step(config, model, tx, mesh, schedule)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  rng = np.random.default_rng(0)
+  batch = {'image': jax.device_put(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), sharding),
+           'label': jax.device_put(rng.integers(0, 10, n).astype(np.int32), sharding)}
+  holder = {'state': state}
+
+  def full_step():
+    holder['state'], metrics = step(holder['state'], batch)
+    return metrics
+
+  view = augment.view_from_config(config.augment.view1)
+  keys = jax.random.split(jax.random.PRNGKey(0), n)
+  aug = jax.jit(lambda k, x: augment.augment_batch(k, x, view, config.augment.crop_size))
+  x = aug(keys, batch['image'])
+  single = models.create_model(config)
+  fwd = jax.jit(lambda v, x: single.apply(v, x, train=False)['embeddings'])
+
+  def forward():  # Reads the live state: the train step donates the old one.
+    s = holder['state']
+    return fwd({'params': s.params, 'batch_stats': s.batch_stats}, x)
+
+  desc = (f"{config.model.encoder} width {config.model.width}, projector {config.model.projector}, "
+          f"batch {n}, {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  for name, fn in (('train step', full_step), ('augment (1 view)', lambda: aug(keys, batch['image'])),
+                          ('encoder+projector forward (1 view)', forward)):
+    seconds = _time(fn, FLAGS.steps)
+    print(f'{name:38s} {seconds * 1e3:9.1f} ms   {n / seconds:8.1f} img/s   [{desc}]')
+
+  if FLAGS.input:
+    data = input_pipeline.load_train_data(config)
+    it = input_pipeline.train_dataset(data, n, 0).as_numpy_iterator()
+    seconds = _time(lambda: next(it)['image'], 20)
+    print(f"{'input pipeline (host)':38s} {seconds * 1e3:9.1f} ms   {n / seconds:8.1f} img/s")
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)

@@ -1,0 +1,87 @@
+"""Evaluation: kNN vs brute force, scores vs scikit-learn, padded features on 8 devices, restore."""
+
+import jax
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from barlow_jax import evaluate
+from barlow_jax import models
+from barlow_jax import train
+from conftest import needs_cifar10, tiny_config
+
+
+def brute_force_knn(train_x, train_y, test_x, num_classes, k, t):
+  """Loops, float64: cosine similarity, k nearest, votes exp(sim / t)."""
+  tr = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+  out = np.zeros((len(test_x), num_classes))
+  for i, q in enumerate(test_x):
+    sims = tr @ (q / np.linalg.norm(q))
+    for j in np.argsort(-sims)[:k]:
+      out[i, train_y[j]] += np.exp(sims[j] / t)
+  return out
+
+
+@pytest.mark.parametrize('k', [1, 20])
+def test_knn_equals_brute_force(k):
+  rng = np.random.default_rng(0)
+  train_x, test_x = rng.normal(size=(300, 16)), rng.normal(size=(50, 16))
+  train_y = rng.integers(0, 5, 300)
+  got = evaluate.knn_scores(train_x.astype(np.float32), train_y, test_x.astype(np.float32), 5, k,
+                            temperature=0.1, chunk=16)
+  expected = brute_force_knn(train_x, train_y, test_x, 5, k, 0.1)
+  np.testing.assert_allclose(got, expected, rtol=2e-4)
+  np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+def test_micro_macro_match_sklearn():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 7, 400)
+  scores = rng.normal(size=(400, 7)) + 2.0 * np.eye(7)[labels] * (rng.uniform(size=400) < 0.5)[:, None]
+  m = evaluate.classification_metrics(scores, labels, 7)
+  pred = scores.argmax(1)
+  assert m['micro'] == pytest.approx(skm.accuracy_score(labels, pred))
+  assert m['micro'] == pytest.approx(skm.f1_score(labels, pred, average='micro'))
+  assert m['macro'] == pytest.approx(skm.f1_score(labels, pred, average='macro'))
+  assert m['top1'] == pytest.approx(skm.accuracy_score(labels, pred))
+  assert m['top5'] == pytest.approx(skm.top_k_accuracy_score(labels, scores, k=5))
+  np.testing.assert_array_equal(m['confusion_matrix'], skm.confusion_matrix(labels, pred))
+  assert m['per_class_accuracy'] == pytest.approx(
+      skm.recall_score(labels, pred, average=None).tolist())
+
+
+def test_linear_probe_learns_a_separable_problem():
+  rng = np.random.default_rng(2)
+  centers = rng.normal(size=(4, 8)) * 3
+  y = rng.integers(0, 4, 800)
+  x = (centers[y] + rng.normal(size=(800, 8))).astype(np.float32)
+  predict = evaluate.train_linear_probe(x[:600], y[:600], 4, epochs=20, batch_size=64, lr=0.1,
+                                        weight_decay=0.0)
+  assert (predict(x[600:]).argmax(1) == y[600:]).mean() > 0.95
+
+
+@needs_cifar10
+def test_padded_features_count_every_example_once_on_8_devices():
+  config = tiny_config()
+  model = models.create_model(config)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  split = 'test[:1003]'  # Odd size: 15 full batches of 64 and one of 43.
+  f8, y8 = evaluate.extract_features(config, model, variables, split, 64, train.make_mesh())
+  f1, y1 = evaluate.extract_features(config, model, variables, split, 64,
+                                     train.make_mesh(jax.devices()[:1]))
+  assert f8.shape == (1003, f8.shape[1]) and len(y8) == 1003
+  np.testing.assert_array_equal(y8, y1)
+  np.testing.assert_allclose(f8, f1, rtol=1e-5, atol=1e-6)
+
+
+@needs_cifar10
+def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
+  config = tiny_config()
+  config.num_steps = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  model, variables, step = evaluate.restore_encoder(config, str(tmp_path))
+  assert step == 1 and 'backbone' in variables['params']
+  other = tiny_config()
+  other.model.width = 8
+  with pytest.raises(evaluate.CheckpointMismatchError, match=r"stem_conv.*\(3, 3, 3, 4\) vs config \(3, 3, 3, 8\)"):
+    evaluate.restore_encoder(other, str(tmp_path))
