@@ -88,9 +88,9 @@ def restore_encoder(config, workdir: str, step: Optional[int] = None, mesh=None)
   model = models.create_model(config)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
   abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
+  saved = manager.item_metadata(step).tree
   problems = _shape_mismatches({'params': abstract.params, 'batch_stats': abstract.batch_stats},
-                               {k: v for k, v in manager.item_metadata(step).items()
-                                if k in ('params', 'batch_stats')})
+                               {k: saved.get(k) for k in ('params', 'batch_stats')})
   if problems:
     raise CheckpointMismatchError(
         f'Checkpoint {manager.directory}/{step} does not match the architecture '
