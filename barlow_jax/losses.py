@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+import optax
 
 DEFAULT_LAMBDA = 0.0051  # 1/D for D=8192 was rounded to this in the paper.
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d default, used by the official code.
@@ -127,3 +128,35 @@ def barlow_twins_loss(
   """
   terms = barlow_twins_terms(z1, z2, axis_name=axis_name, eps=eps)
   return terms.on_diag + lambd * terms.off_diag
+
+
+def _sum(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  return x.sum() if axis_name is None else lax.psum(x.sum(), axis_name)
+
+
+def masked_cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    axis_name: Optional[str] = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Mean softmax cross-entropy and accuracy over the labelled examples.
+
+  Examples with ``label < 0`` (unlabelled, e.g. STL-10's 'unlabelled' split)
+  are left out of both the sum and the count, so they contribute nothing.
+
+  Args:
+    logits: [n, K] (this device's rows of the batch).
+    labels: [n] int; negative means unlabelled.
+    axis_name: the mesh axis the batch is split over, inside ``shard_map``;
+      the mean is then over the labelled examples of the global batch.
+
+  Returns:
+    (loss, accuracy), float32 scalars, identical on every device; both are 0
+    when no example of the batch is labelled.
+  """
+  valid = labels >= 0
+  safe = jnp.where(valid, labels, 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+  correct = (jnp.argmax(logits, -1) == safe) & valid
+  count = jnp.maximum(_sum(valid, axis_name), 1)
+  return _sum(jnp.where(valid, ce, 0.0), axis_name) / count, _sum(correct, axis_name) / count

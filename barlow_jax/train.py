@@ -74,13 +74,7 @@ def create_train_state(config, model: models.BarlowTwinsModel, tx, mesh: Mesh) -
 
 def _probe_metrics(logits, labels):
   """Global masked cross-entropy and accuracy of the online probe (labels < 0 ignored)."""
-  valid = labels >= 0
-  safe = jnp.where(valid, labels, 0)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  correct = (jnp.argmax(logits, -1) == safe) & valid
-  count = jnp.maximum(jax.lax.psum(valid.sum(), DATA_AXIS), 1)
-  loss = jax.lax.psum(jnp.where(valid, ce, 0.0).sum(), DATA_AXIS) / count
-  return loss, jax.lax.psum(correct.sum(), DATA_AXIS) / count
+  return losses.masked_cross_entropy(logits, labels, DATA_AXIS)
 
 
 def make_train_step(config, model: models.BarlowTwinsModel, tx, mesh: Mesh,
