@@ -34,10 +34,14 @@ def validate_model(config) -> None:
   _one_of(config, 'model.stem', ('cifar', 'imagenet'))
   _one_of(config, 'model.dtype', ('float32', 'bfloat16', 'float16'))
   _require(m.width > 0, f'config.model.width={m.width} must be positive.')
-  try:
-    models.parse_mlp_spec(m.projector)
-  except ValueError as e:
-    raise ConfigError(f'config.model.projector: {e}') from None
+  # Barlow Twins models have a projector, supervised ones an embedding head.
+  for key in ('projector', 'embedding'):
+    if m.get(key):
+      try:
+        models.parse_mlp_spec(m[key])
+      except ValueError as e:
+        raise ConfigError(f'config.model.{key}: {e}') from None
+  _require('projector' not in m or bool(m.projector), 'config.model.projector must be set.')
 
 
 def validate_data(config) -> None:
@@ -103,3 +107,41 @@ def validate_linear(config) -> None:
            f'count ({jax.device_count()}).')
   _require(config.probe.epochs > 0, f'config.probe.epochs={config.probe.epochs} must be positive.')
   _require(all(k > 0 for k in config.knn.k), f'config.knn.k={config.knn.k} must be positive.')
+
+
+def validate_supervised(config) -> None:
+  """Checks for the supervised (CE + CE + gamma * BT) stage; raises ConfigError."""
+  _require(config.num_branches in (1, 2),
+           f'config.num_branches={config.num_branches} must be 1 or 2.')
+  _require(config.gamma >= 0, f'config.gamma={config.gamma} must be >= 0.')
+  _require(config.lambd >= 0, f'config.lambd={config.lambd} must be >= 0.')
+  _require(config.gamma == 0 or config.num_branches == 2,
+           f'config.gamma={config.gamma} needs config.num_branches=2 (the BT term '
+           'compares the two branches).')
+  _require(config.gamma == 0 or bool(config.model.embedding),
+           f'config.gamma={config.gamma} needs an embedding head (config.model.embedding).')
+  _require(config.model.feature_dim >= 0,
+           f'config.model.feature_dim={config.model.feature_dim} must be >= 0 (0: none).')
+  validate_model(config)
+  validate_data(config)
+  validate_augment(config)
+  validate_optimizer(config)
+  head_lr = config.optimizer.get('head_lr')
+  _require(head_lr is None or head_lr > 0,
+           f'config.optimizer.head_lr={head_lr} must be positive (or None: same as lr).')
+  _one_of(config, 'eval.aug_view', ('view1', 'view2'))
+  _require(config.eval.batch_size > 0 and config.eval.batch_size % jax.device_count() == 0,
+           f'config.eval.batch_size={config.eval.batch_size} must be a positive multiple of the '
+           f'device count ({jax.device_count()}).')
+  _require(config.plots.num_examples >= 0,
+           f'config.plots.num_examples={config.plots.num_examples} must be >= 0.')
+
+
+def validate_finetune(config) -> None:
+  """Checks for the fine-tuning stage, before the pretraining config is read."""
+  workdir = config.pretrained_workdir
+  _require(bool(workdir), 'config.pretrained_workdir must be set to a pretraining workdir.')
+  _require(os.path.exists(os.path.join(workdir, 'config.json')),
+           f'config.pretrained_workdir={workdir!r} has no config.json (not a pretraining workdir?).')
+  _require(0.0 < config.label_fraction <= 1.0,
+           f'config.label_fraction={config.label_fraction} must be in (0, 1].')

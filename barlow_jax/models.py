@@ -195,3 +195,71 @@ def create_model(config, axis_name: Optional[str] = None) -> BarlowTwinsModel:
   return BarlowTwinsModel(
       encoder=m.encoder, projector=m.projector, num_classes=num_classes,
       width=m.width, stem=m.stem, dtype=jnp.dtype(m.dtype), axis_name=axis_name)
+
+
+class MLP(nn.Module):
+  """Linear-ReLU for every layer but the last, which is a plain Linear; no BatchNorm.
+
+  The supervised Barlow Twins embedding head (seed 001 §4.2.1) is
+  Linear(2048)-ReLU-Linear(128), unlike the BN projector of the paper.
+  """
+  sizes: Sequence[int]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for size in self.sizes[:-1]:
+      x = nn.relu(nn.Dense(size, dtype=self.dtype)(x))
+    return nn.Dense(self.sizes[-1], dtype=self.dtype)(x)
+
+
+class SupervisedModel(nn.Module):
+  """Encoder -> optional Linear(feature_dim) -> linear classifier and embedding head.
+
+  The supervised Barlow Twins network of seed 001 (§4.2.1): the encoder's
+  output is mapped to 2048 units (``feature_dim``; 0 keeps the encoder's
+  output, as fine-tuning does), then a linear classifier and an embedding
+  head (``embedding``, e.g. '2048-128'; '' for none) read it. Both branches
+  of the Siamese network are this one module applied twice.
+
+  Returns a dict with 'features' [N, F] (encoder), 'representation' [N, R]
+  (what the heads read), 'logits' [N, K] float32 and, with an embedding head,
+  'embeddings' [N, D].
+  """
+  encoder: str
+  num_classes: int
+  width: int = 64
+  stem: str = 'cifar'
+  feature_dim: int = 2048
+  embedding: str = '2048-128'
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  def setup(self):
+    kwargs = dict(width=self.width, dtype=self.dtype, axis_name=self.axis_name)
+    if self.encoder.startswith('resnet'):
+      kwargs['stem'] = self.stem
+    # Same module name as in BarlowTwinsModel, so a pretrained backbone drops in.
+    self.backbone = ENCODERS[self.encoder](**kwargs)
+    self.fc = nn.Dense(self.feature_dim, dtype=self.dtype) if self.feature_dim else None
+    self.classifier = nn.Dense(self.num_classes, dtype=jnp.float32)
+    self.embed = MLP(parse_mlp_spec(self.embedding), self.dtype) if self.embedding else None
+
+  def __call__(self, x, train: bool = True):
+    features = self.backbone(x, train=train)
+    representation = self.fc(features) if self.fc is not None else features
+    out = {'features': features, 'representation': representation,
+           'logits': self.classifier(representation.astype(jnp.float32))}
+    if self.embed is not None:
+      out['embeddings'] = self.embed(representation)
+    return out
+
+
+def create_supervised_model(config, axis_name: Optional[str] = None) -> SupervisedModel:
+  """The SupervisedModel described by ``config.model`` (see configs/cifar_supervised_bt.py)."""
+  m = config.model
+  num_classes = input_pipeline.dataset_spec(config.dataset).num_classes
+  return SupervisedModel(
+      encoder=m.encoder, num_classes=num_classes, width=m.width, stem=m.stem,
+      feature_dim=m.feature_dim, embedding=m.embedding, dtype=jnp.dtype(m.dtype),
+      axis_name=axis_name)
