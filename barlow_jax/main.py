@@ -15,13 +15,17 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from barlow_jax import config_validation
+from barlow_jax import finetune
 from barlow_jax import linear_eval
+from barlow_jax import supervised
 from barlow_jax import train
 
 # config.mode -> the stage's entry point, all with the signature (config, workdir).
 STAGES = {
     'pretrain': train.train_and_evaluate,
     'linear': linear_eval.run,
+    'supervised': supervised.run,
+    'finetune': finetune.run,
 }
 
 FLAGS = flags.FLAGS

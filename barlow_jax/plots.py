@@ -36,3 +36,53 @@ def cross_correlation_png(c, path: str, title: str = 'cross-correlation C') -> N
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def project_2d(features, method: str = 'pca', seed: int = 0) -> np.ndarray:
+  """2-D PCA or t-SNE (scikit-learn) of [n, d] features, for plotting.
+
+  Args:
+    features: [n, d] array, n >= 3.
+    method: 'pca' or 'tsne'.
+    seed: random state of the projection (t-SNE is stochastic).
+
+  Returns:
+    [n, 2] float32.
+  """
+  from sklearn import decomposition, manifold  # Only the plotting paths need sklearn.
+  features = np.asarray(features, np.float32)
+  if method == 'pca':
+    return decomposition.PCA(2, random_state=seed).fit_transform(features).astype(np.float32)
+  if method == 'tsne':
+    # Perplexity must stay below the number of points; 30 is sklearn's default.
+    perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
+    tsne = manifold.TSNE(2, perplexity=perplexity, init='pca', random_state=seed)
+    return tsne.fit_transform(features).astype(np.float32)
+  raise ValueError(f"method={method!r} is not 'pca' or 'tsne'.")
+
+
+def embeddings_png(panels, path: str, class_names=None, title: str = '') -> None:
+  """Scatter plots of 2-D embeddings coloured by class, side by side.
+
+  Args:
+    panels: sequence of (points [n, 2], labels [n], panel title); one panel
+      per run, e.g. gamma = 0 next to the best gamma (seed 001, Figs. 4.1-4.20).
+    path: the PNG to write.
+    class_names: legend labels, indexed by class; default the class ids.
+    title: figure title.
+  """
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 1.6, 4.6), squeeze=False)
+  cmap = plt.get_cmap('tab10' if max(int(np.max(p[1])) for p in panels) < 10 else 'tab20')
+  for ax, (points, labels, panel_title) in zip(axes[0], panels):
+    points, labels = np.asarray(points), np.asarray(labels)
+    for c in np.unique(labels):
+      name = class_names[c] if class_names is not None else str(c)
+      ax.scatter(*points[labels == c].T, s=4, alpha=0.7, color=cmap(int(c) % cmap.N), label=name)
+    ax.set_title(panel_title, fontsize=10)
+    ax.set_xticks([]), ax.set_yticks([])
+  axes[0, -1].legend(loc='center left', bbox_to_anchor=(1.02, 0.5), markerscale=3, fontsize=8,
+                     frameon=False)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,221 @@
+r"""A gamma x seed grid of supervised runs and a table shaped like seed 001's Table 4.2.
+
+  python -m barlow_jax.sweep --config=configs/cifar_supervised_bt.py \
+      --gammas=0,1e-4,1e-3,1e-2 --seeds=3 --workdir=runs/sweep [--config.key=value ...]
+
+Each run has its own workdir, ``<workdir>/gamma_<g>/seed_<s>``; a run whose
+results.json exists is read back instead of trained, and an unfinished one
+resumes from its checkpoint, so rerunning an interrupted sweep continues
+where it stopped. Runs go seed by seed (every gamma of seed 0 first), so a
+partial sweep already compares all gammas. Writes ``results.json`` and
+``results.md`` (train / test / augmented-test accuracy, mean +- std over
+seeds per gamma; gamma = 0 is the cross-entropy baseline) and, from the
+runs' saved 2-D embeddings, ``embeddings_{pca,tsne}.png`` with gamma = 0 next
+to the best gamma.
+"""
+
+import json
+import math
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from barlow_jax import config_validation
+from barlow_jax import plots
+from barlow_jax import supervised
+
+METRICS = (('train_accuracy', 'Train Acc'), ('test_accuracy', 'Test Acc - test data'),
+           ('aug_test_accuracy', 'Test Acc - aug test data'))
+
+
+def run_dir(workdir: str, gamma: float, seed: int) -> str:
+  return os.path.join(workdir, f'gamma_{gamma:g}', f'seed_{seed}')
+
+
+def run_sweep(config, gammas: Sequence[float], num_seeds: int, workdir: str,
+              run_fn: Callable = supervised.run) -> dict:
+  """Runs (or reads back) every (gamma, seed) and writes the summary.
+
+  Args:
+    config: a supervised config; gamma and seed are set per run.
+    gammas: the gamma values; include 0 for the baseline.
+    num_seeds: seeds config.seed, config.seed + 1, ...
+    workdir: the sweep's directory.
+    run_fn: ``(config, workdir) -> results dict``; supervised.run.
+
+  Returns:
+    The summary written to ``workdir``/results.json.
+  """
+  seeds = [config.seed + i for i in range(num_seeds)]
+  runs = {}
+  for seed in seeds:
+    for gamma in gammas:
+      directory = run_dir(workdir, gamma, seed)
+      done = os.path.join(directory, 'results.json')
+      if os.path.exists(done):
+        logging.info('gamma %g seed %d: finished before, reading %s.', gamma, seed, done)
+        with open(done) as f:
+          runs[(gamma, seed)] = json.load(f)
+        continue
+      logging.info('gamma %g seed %d: running in %s.', gamma, seed, directory)
+      run_config = ml_collections.ConfigDict(config.to_dict())
+      run_config.gamma, run_config.seed = float(gamma), int(seed)
+      runs[(gamma, seed)] = run_fn(run_config, directory)
+  summary = summarize(runs, gammas, seeds)
+  summary['workdir'] = workdir
+  _write(summary, config, workdir)
+  return summary
+
+
+def _mean_std(values: Sequence[float]) -> dict:
+  # Sample standard deviation (ddof=1) over seeds; 0 for a single seed.
+  values = [100.0 * v for v in values]
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return {'mean': float(np.mean(values)), 'std': std, 'values': values}
+
+
+def summarize(runs: dict, gammas: Sequence[float], seeds: Sequence[int]) -> dict:
+  """Mean +- std (percent) per gamma, the best gamma and its gap to gamma = 0.
+
+  Args:
+    runs: {(gamma, seed): results dict with *_accuracy in [0, 1]}.
+    gammas: in table order.
+    seeds: the seeds run.
+
+  Returns:
+    {'gammas', 'seeds', 'table': {str(gamma): {metric: {mean, std, values}}},
+     'best_gamma', 'comparison'}.
+  """
+  table = {f'{g:g}': {k: _mean_std([runs[(g, s)][k] for s in seeds]) for k, _ in METRICS}
+           for g in gammas}
+  positive = [g for g in gammas if g > 0]
+  best = max(positive, key=lambda g: table[f'{g:g}']['test_accuracy']['mean']) if positive else None
+  summary = {'gammas': [float(g) for g in gammas], 'seeds': list(seeds), 'table': table,
+             'best_gamma': best, 'comparison': None}
+  if best is not None and 0 in gammas:
+    base, top = table['0']['test_accuracy'], table[f'{best:g}']['test_accuracy']
+    n = len(seeds)
+    # Standard error of the difference of two means (Welch); 0 with one seed.
+    se = math.sqrt((base['std'] ** 2 + top['std'] ** 2) / n) if n > 1 else 0.0
+    diff = top['mean'] - base['mean']
+    summary['comparison'] = {'metric': 'test_accuracy', 'baseline': base['mean'],
+                             'best': top['mean'], 'difference': diff, 'stderr': se,
+                             'difference_over_stderr': diff / se if se > 0 else None}
+  return summary
+
+
+def markdown(summary: dict, config) -> str:
+  """The results table (rows: Train / Test / Aug-test accuracy; columns: gamma)."""
+  gammas = summary['gammas']
+  head = [('γ = 0 (CE baseline)' if g == 0 else f'γ = {g:g}') for g in gammas]
+  m = config.model
+  lines = [f'# Supervised Barlow Twins sweep: {config.dataset}, {m.encoder} width {m.width}, '
+           f'ablation {config.get("ablation")}', '',
+           f'{len(summary["seeds"])} seeds ({summary["seeds"]}); mean ± sample std (ddof=1) of '
+           'accuracy in %, at the final step.', '',
+           '| | ' + ' | '.join(head) + ' |', '|---' * (len(gammas) + 1) + '|']
+  for key, label in METRICS:
+    cells = []
+    for g in gammas:
+      s = summary['table'][f'{g:g}'][key]
+      best = summary['best_gamma'] is not None and g == summary['best_gamma']
+      cell = f"{s['mean']:.2f} ± {s['std']:.2f}"
+      cells.append(f'**{cell}**' if best else cell)
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  c = summary['comparison']
+  if c is not None:
+    ratio = (f", {c['difference_over_stderr']:.1f} standard errors"
+             if c['difference_over_stderr'] is not None else '')
+    lines += ['', f"Best γ by mean test accuracy: {summary['best_gamma']:g} (bold): "
+                  f"{c['best']:.2f} vs {c['baseline']:.2f} for the baseline, "
+                  f"difference {c['difference']:+.2f} points (standard error {c['stderr']:.2f}"
+                  f"{ratio})."]
+  return '\n'.join(lines) + '\n'
+
+
+def _load_points(directory: str) -> Optional[dict]:
+  path = os.path.join(directory, 'embeddings_2d.npz')
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as data:
+    return {k: data[k] for k in data.files}
+
+
+def compare_figures(summary: dict, workdir: str, class_names=None) -> list[str]:
+  """Side-by-side PCA / t-SNE of gamma = 0 and the best gamma (first seed with both).
+
+  Returns:
+    The paths written (none if either run saved no embeddings).
+  """
+  best = summary['best_gamma']
+  if best is None or 0 not in summary['gammas']:
+    return []
+  for seed in summary['seeds']:
+    base = _load_points(run_dir(workdir, 0, seed))
+    top = _load_points(run_dir(workdir, best, seed))
+    if base is not None and top is not None:
+      break
+  else:
+    return []
+  written = []
+  for method in ('pca', 'tsne'):
+    if method in base and method in top:
+      path = os.path.join(workdir, f'embeddings_{method}.png')
+      panels = [(base[method], base['labels'], 'γ = 0 (cross-entropy)'),
+                (top[method], top['labels'], f'γ = {best:g} (CE + BT)')]
+      plots.embeddings_png(panels, path, class_names,
+                           f'{method.upper()} of augmented train images, seed {seed}')
+      written.append(path)
+  return written
+
+
+def _write(summary: dict, config, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  first = run_dir(workdir, summary['gammas'][0], summary['seeds'][0])
+  class_names = None
+  if os.path.exists(os.path.join(first, 'results.json')):
+    with open(os.path.join(first, 'results.json')) as f:
+      class_names = json.load(f).get('class_names')
+  summary['figures'] = compare_figures(summary, workdir, class_names)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(markdown(summary, config))
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump({**summary, 'config': config.to_dict()}, f, indent=2)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'The sweep directory; one sub-directory per run.')
+flags.DEFINE_list('gammas', ['0', '1e-4', '1e-3', '1e-2'], 'Gamma values; 0 is the baseline.')
+flags.DEFINE_integer('seeds', 3, 'Number of seeds per gamma (config.seed, config.seed + 1, ...).')
+config_flags.DEFINE_config_file('config', None, 'A supervised config file.', lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
+  try:
+    gammas = [float(g) for g in FLAGS.gammas]
+    if any(g < 0 for g in gammas) or len(set(gammas)) < len(gammas) or FLAGS.seeds < 1:
+      raise ValueError(f'--gammas={FLAGS.gammas} must be distinct and >= 0, '
+                       f'--seeds={FLAGS.seeds} >= 1.')
+    config_validation.validate_supervised(FLAGS.config)
+  except ValueError as e:  # ConfigError is a ValueError.
+    logging.error('Invalid sweep: %s', e)
+    print(f'Invalid sweep: {e}', file=sys.stderr)
+    sys.exit(2)
+  summary = run_sweep(FLAGS.config, gammas, FLAGS.seeds, FLAGS.workdir)
+  print(markdown(summary, FLAGS.config))
+
+
+if __name__ == '__main__':
+  app.run(main)

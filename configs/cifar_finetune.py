@@ -1,0 +1,61 @@
+r"""Fine-tuning a Barlow Twins encoder on 1%, 10% or 20% of the CIFAR-10 labels (paper App. B.2).
+
+Restores the encoder of a pretraining workdir (architecture from its
+config.json), adds a linear classifier and trains the whole network on a
+class-balanced label fraction: 20 epochs, batch 256, SGD momentum 0.9,
+cosine to 0, no weight decay, lr 0.002 for the backbone and 0.5 for the
+classifier (the official command for 1% of ImageNet), random resized crop +
+flip. Expected: above the linear probe on the same fraction and above the
+same network trained from scratch (configs/cifar_supervised.py); numbers in
+README, "Supervised learning with a Barlow Twins term".
+
+  python -m barlow_jax.main --config=configs/cifar_finetune.py \
+      --config.pretrained_workdir=runs/bt --config.label_fraction=0.1 --workdir=runs/ft10
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import cifar_supervised_bt
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The fine-tuning config; dataset and model come from the pretraining workdir."""
+  base = cifar_supervised_bt.get_config('crop_flip')
+  config = ml_collections.ConfigDict()
+  config.mode = 'finetune'
+  config.pretrained_workdir = config_dict.placeholder(str)
+  config.checkpoint_step = config_dict.placeholder(int)  # None: the latest.
+  config.data_dir = config_dict.placeholder(str)  # None: as in pretraining.
+  config.download = config_dict.placeholder(bool)
+  config.train_split = 'train'
+  config.unlabelled_split = config_dict.placeholder(str)
+  config.label_fraction = 0.1  # Class-balanced fraction of train labels, in (0, 1].
+  config.fraction_seed = 0
+  config.cache_dataset = True
+
+  config.num_branches = 1
+  config.gamma = 0.0
+  config.lambd = 0.0051  # Unused with one branch; the supervised stage reads it.
+  config.batch_size = 256
+  config.num_epochs = 20.0
+  config.num_steps = config_dict.placeholder(int)
+  config.seed = 0
+
+  config.optimizer = ml_collections.ConfigDict(base.optimizer.to_dict())
+  config.optimizer.lr = 0.002  # Backbone (and its BN / biases).
+  config.optimizer.head_lr = 0.5  # The new classifier.
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.schedule = 'warmup_cosine'
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.end_lr_factor = 0.0
+
+  config.augment = ml_collections.ConfigDict(base.augment.to_dict())  # crop + flip on view1.
+  config.eval = ml_collections.ConfigDict(base.eval.to_dict())
+  config.plots = ml_collections.ConfigDict(base.plots.to_dict())
+  config.plots.num_examples = 0  # No embedding head to plot.
+
+  config.log_every = 20
+  config.checkpoint = ml_collections.ConfigDict(base.checkpoint.to_dict())
+  config.checkpoint.every_steps = 500
+  return config
