@@ -40,3 +40,52 @@ def tiny_config():
   config.checkpoint.every_steps = 2
   config.optimizer.warmup_epochs = 0.0
   return config
+
+
+def tiny_supervised_config(arg: str = ''):
+  """configs/cifar_supervised_bt.py shrunk like tiny_config, with small eval splits."""
+  from configs import cifar_supervised_bt
+  config = cifar_supervised_bt.get_config(arg)
+  config.data_dir = DATA_DIR
+  config.download = False
+  config.model.width = 4
+  config.model.feature_dim = 32
+  config.model.embedding = '32-16'
+  config.gamma = 0.01
+  config.batch_size = 16
+  config.num_steps = 4
+  config.log_every = 2
+  config.checkpoint.every_steps = 2
+  config.eval.train_split = 'train[:64]'
+  config.eval.test_split = 'test[:72]'  # Not a multiple of the eval batch: padding is exercised.
+  config.eval.batch_size = 32
+  config.plots.num_examples = 48
+  return config
+
+
+def assert_png_not_blank(path) -> None:
+  """A readable PNG with something drawn on it (not one flat colour)."""
+  import matplotlib.image
+  import numpy as np
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n', f'{path} is not a PNG'
+  pixels = matplotlib.image.imread(str(path))[..., :3]
+  assert pixels.shape[0] > 50 and pixels.shape[1] > 50, pixels.shape
+  background = (pixels > 0.98).all(-1)
+  assert background.mean() < 0.97, f'{path} is (almost) blank'
+  assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20, f'{path} has too few colours'
+
+
+@pytest.fixture(scope='module')
+def small_resnet():
+  """Registers models.ENCODERS['resnet_small'] (2 stages of 1 block) for a test module.
+
+  Steps that do not depend on the encoder compile several times faster with
+  it than with ResNet-18; the registration is undone after the module.
+  """
+  import functools
+  from barlow_jax import models
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setitem(models.ENCODERS, 'resnet_small', functools.partial(
+        models.ResNet, stage_sizes=(1, 1), block_cls=models.BasicBlock))
+    yield 'resnet_small'

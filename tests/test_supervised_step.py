@@ -1,0 +1,140 @@
+"""The supervised step (CE + CE + gamma * BT) against NumPy, 8 devices against 1, masking."""
+
+import jax
+import numpy as np
+import pytest
+
+from barlow_jax import augment
+from barlow_jax import input_pipeline
+from barlow_jax import models
+from barlow_jax import optim
+from barlow_jax import supervised
+from barlow_jax import train
+from conftest import tiny_supervised_config
+
+
+def _batch(num_unlabelled: int = 0):
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 16).astype(np.int32)
+  labels[:num_unlabelled] = -1  # As STL-10's unlabelled images.
+  return {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8), 'label': labels}
+
+
+def _one_step(config, devices, batch):
+  """(initial state, state after one step, metrics), all on the host."""
+  mesh = train.make_mesh(devices)
+  model = models.create_supervised_model(config, axis_name=train.DATA_AXIS)
+  tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=20)
+  state = train.create_train_state(config, model, tx, mesh)
+  initial = jax.device_get(state)  # Before the step donates it.
+  step = supervised.make_train_step(config, model, tx, mesh, schedule)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
+  return initial, jax.device_get(state), jax.device_get(metrics)
+
+
+def _numpy_cross_entropy(logits, labels):
+  """Mean over labelled examples of -log softmax(logits)[label], float64."""
+  logits = np.asarray(logits, np.float64)
+  valid = labels >= 0
+  shifted = logits - logits.max(1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+  return -log_probs[valid, labels[valid]].mean()
+
+
+def _numpy_barlow_twins(z1, z2, lambd, eps=1e-5):
+  z1, z2 = np.asarray(z1, np.float64), np.asarray(z2, np.float64)
+  z1 = (z1 - z1.mean(0)) / np.sqrt(z1.var(0) + eps)
+  z2 = (z2 - z2.mean(0)) / np.sqrt(z2.var(0) + eps)
+  c = z1.T @ z2 / len(z1)
+  on = ((1 - np.diag(c)) ** 2).sum()
+  return on + lambd * ((c ** 2).sum() - (np.diag(c) ** 2).sum())
+
+
+def _reference(config, state, batch):
+  """CE1, CE2 and BT of one step, recomputed on one device outside the step."""
+  model = models.create_supervised_model(config)  # No axis name: one device.
+  spec = input_pipeline.dataset_spec(config.dataset)
+  keys1, keys2 = supervised.branch_keys(state.rng, state.step, len(batch['label']))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  outs = []
+  for keys, name in ((keys1, 'view1'), (keys2, 'view2')):
+    view = augment.view_from_config(config.augment[name])
+    x = augment.normalize(augment.augment_batch(keys, batch['image'], view, 32), spec.mean, spec.std)
+    out, upd = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    variables = {'params': state.params, 'batch_stats': upd['batch_stats']}
+    outs.append(jax.device_get(out))
+  labels = batch['label']
+  return (_numpy_cross_entropy(outs[0]['logits'], labels),
+          _numpy_cross_entropy(outs[1]['logits'], labels),
+          _numpy_barlow_twins(outs[0]['embeddings'], outs[1]['embeddings'], config.lambd))
+
+
+def test_gamma_zero_loss_is_the_sum_of_the_two_cross_entropies(small_resnet):
+  config = tiny_supervised_config()
+  config.model.encoder = small_resnet
+  config.gamma = 0.0
+  batch = _batch()
+  initial, _, metrics = _one_step(config, jax.devices(), batch)
+  ce1, ce2, bt = _reference(config, initial, batch)
+  np.testing.assert_allclose(metrics['ce1'], ce1, rtol=1e-5)
+  np.testing.assert_allclose(metrics['ce2'], ce2, rtol=1e-5)
+  np.testing.assert_allclose(metrics['loss'], ce1 + ce2, rtol=1e-5)
+  # BT is still logged for the baseline, but is not part of its loss.
+  np.testing.assert_allclose(metrics['bt_loss'], bt, rtol=1e-4)
+
+
+@pytest.fixture(scope='module')
+def gamma_runs(small_resnet):
+  """One step with gamma > 0 and 4 of 16 labels hidden, on 1 and on 8 devices."""
+  config = tiny_supervised_config()
+  config.model.encoder = small_resnet
+  config.gamma = 0.05
+  batch = _batch(num_unlabelled=4)
+  return config, batch, _one_step(config, jax.devices()[:1], batch), _one_step(
+      config, jax.devices(), batch)
+
+
+def test_loss_adds_gamma_bt_and_ignores_unlabelled_examples_in_ce(gamma_runs):
+  config, batch, _, (initial, _, metrics) = gamma_runs
+  ce1, ce2, bt = _reference(config, initial, batch)  # CE over the 12 labelled only.
+  np.testing.assert_allclose(metrics['ce1'], ce1, rtol=1e-5)
+  np.testing.assert_allclose(metrics['ce2'], ce2, rtol=1e-5)
+  np.testing.assert_allclose(metrics['bt_loss'], bt, rtol=1e-4)  # BT over all 16.
+  np.testing.assert_allclose(metrics['loss'], ce1 + ce2 + config.gamma * bt, rtol=1e-5)
+
+
+def test_eight_devices_match_one(gamma_runs):
+  _, _, (initial, state1, metrics1), (_, state8, metrics8) = gamma_runs
+  for key in ('loss', 'ce1', 'ce2', 'bt_loss', 'accuracy', 'grad_norm'):
+    np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-5, err_msg=key)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), state1.params,
+                                       initial.params))
+  assert max(moved) > 1e-4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
+               state8.params, state1.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               state8.batch_stats, state1.batch_stats)
+
+
+def test_head_gets_its_own_group_only_when_head_lr_is_set():
+  params = {'backbone': {'conv': np.zeros((3, 3, 3, 4)), 'bn': np.zeros(4)},
+            'classifier': {'kernel': np.zeros((4, 10)), 'bias': np.zeros(10)}}
+  assert optim.param_groups(params)['classifier'] == {'kernel': 'weights', 'bias': 'norm_and_bias'}
+  groups = optim.param_groups(params, separate_head=True)
+  assert groups['classifier'] == {'kernel': 'head', 'bias': 'head'}
+  assert groups['backbone'] == {'conv': 'weights', 'bn': 'norm_and_bias'}
+
+
+def test_with_backbone_replaces_only_the_encoder():
+  state = train.TrainState(
+      step=0, rng=None, opt_state=None,
+      params={'backbone': {'w': np.zeros(2)}, 'classifier': {'w': np.zeros(3)}},
+      batch_stats={'backbone': {'mean': np.zeros(2)}})
+  pretrained = {'params': {'backbone': {'w': np.ones(2)}, 'head': {'w': np.ones(5)}},
+                'batch_stats': {'backbone': {'mean': np.full(2, 7.0)}}}
+  state = supervised.with_backbone(state, pretrained)
+  np.testing.assert_array_equal(state.params['backbone']['w'], np.ones(2))
+  np.testing.assert_array_equal(state.params['classifier']['w'], np.zeros(3))
+  np.testing.assert_array_equal(state.batch_stats['backbone']['mean'], np.full(2, 7.0))
+  assert 'head' not in state.params
