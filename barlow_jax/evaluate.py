@@ -89,12 +89,13 @@ def restore_encoder(config, workdir: str, step: Optional[int] = None, mesh=None)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
   abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
   saved = manager.item_metadata(step).tree
-  problems = _shape_mismatches({'params': abstract.params, 'batch_stats': abstract.batch_stats},
-                               {k: saved.get(k) for k in ('params', 'batch_stats')})
+  problems = [f'[{k!r}]{p}' for k in ('params', 'batch_stats')  # Params first: most telling.
+              for p in _shape_mismatches(getattr(abstract, k), saved.get(k, {}))]
   if problems:
     raise CheckpointMismatchError(
         f'Checkpoint {manager.directory}/{step} does not match the architecture '
-        f'{config.model.to_dict()}:\n  ' + '\n  '.join(problems[:10]))
+        f'{config.model.to_dict()}: {len(problems)} arrays differ, e.g.\n  '
+        + '\n  '.join(problems[:8]))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           abstract)
