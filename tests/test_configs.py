@@ -1,0 +1,46 @@
+"""Every shipped pretraining config is valid, and the ImageNet recipe's step runs at small scale."""
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+
+from barlow_jax import config_validation
+from barlow_jax import models
+from barlow_jax import optim
+from barlow_jax import train
+
+PRETRAIN_CONFIGS = ['cifar_bt', 'cifar_bt_cpu', 'imagenet_bt']
+
+
+@pytest.mark.parametrize('name', PRETRAIN_CONFIGS)
+def test_pretrain_config_is_valid(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.mode == 'pretrain'
+  config.batch_size = 64  # Divisible by the 8 test devices, as every shipped batch is.
+  config_validation.validate_pretrain(config)
+
+
+def test_imagenet_recipe_step_runs_at_small_scale():
+  """ImageNet stem, bfloat16, blur/solarize asymmetry, 3-layer projector; random images."""
+  config = importlib.import_module('configs.imagenet_bt').get_config()
+  config.model.width = 4
+  config.model.projector = '64-64-64'
+  config.batch_size = 8
+  config.augment.crop_size = 56
+  for view in (config.augment.view1, config.augment.view2):
+    view.blur_kernel = 7
+  config_validation.validate_pretrain(config)
+  mesh = train.make_mesh()
+  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  state = train.create_train_state(config, model, tx, mesh)
+  step = train.make_train_step(config, model, tx, mesh, schedule)
+  rng = np.random.default_rng(0)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  batch = {'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+           'label': rng.integers(0, 1000, 8).astype(np.int32)}
+  state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
+  assert np.isfinite(float(metrics['bt_loss'])) and float(metrics['bt_loss']) > 0
+  assert int(state.step) == 1
