@@ -50,13 +50,21 @@ def dataset_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
+class DatasetNotFoundError(FileNotFoundError):
+  """The dataset is not prepared in the data dir and downloading is off."""
+
+
 def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder; downloads only when allowed and missing."""
+  """The prepared TFDS builder; downloads only when allowed and missing.
+
+  Raises:
+    DatasetNotFoundError: not prepared in ``data_dir`` and ``download`` is False.
+  """
   spec = dataset_spec(name)
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
     if not download:
-      raise FileNotFoundError(
+      raise DatasetNotFoundError(
           f'Dataset {spec.tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
           '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
     builder.download_and_prepare()

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from barlow_jax import augment
 from barlow_jax import config_validation
+from barlow_jax import distributed
 from barlow_jax import input_pipeline
 from barlow_jax import losses
 from barlow_jax import models
@@ -141,24 +142,72 @@ def make_train_step(config, model: models.BarlowTwinsModel, tx, mesh: Mesh,
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.checkpoint.max_to_keep, enable_async_checkpointing=True)
+  # The explicit handler lets a fresh manager read item metadata (shapes)
+  # before restoring, which evaluate.restore_encoder uses to check architectures.
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options)
+                               options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+
+class CheckpointError(ValueError):
+  """The workdir's latest checkpoint cannot be restored into this run's state."""
+
+
+def _shape_mismatches(expected, saved, name: str) -> list[str]:
+  """Leaves of ``expected`` whose shape differs from, or is missing in, ``saved``."""
+  want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  have = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  problems = []
+  for path, leaf in want.items():
+    got = have.get(path)
+    if got is None or tuple(got.shape) != tuple(leaf.shape):
+      problems.append(f'{name}{jax.tree_util.keystr(path)}: checkpoint '
+                      f'{"missing" if got is None else tuple(got.shape)} vs config {leaf.shape}')
+  return problems + [f'{name}{jax.tree_util.keystr(path)}: in the checkpoint only'
+                     for path in have if path not in want]
 
 
 def restore_or_keep(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The latest checkpoint restored into ``state``'s structure and shardings, if any."""
+  """The latest checkpoint restored into ``state``'s structure and shardings, if any.
+
+  Raises:
+    CheckpointError: the checkpoint is unreadable (corrupt) or was written by
+      another architecture; nothing in the workdir is changed.
+  """
   step = manager.latest_step()
   if step is None:
     return state
+  where = f'{manager.directory}/{step}'
+  # The metadata is read first, so that a checkpoint of another architecture
+  # fails with the list of differing parameters instead of a restore error.
+  try:
+    saved = manager.item_metadata(step)
+    saved = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
+  except Exception as e:  # Orbax and tensorstore raise many types for bad files.
+    raise CheckpointError(f'Checkpoint {where} is unreadable (corrupt or incomplete?): '
+                          f'{type(e).__name__}: {e}') from e
+  # Any state with params/batch_stats fields (every stage's) is checked.
+  expected = {k: getattr(state, k) for k in ('params', 'batch_stats') if hasattr(state, k)}
+  problems = [p for k in expected for p in _shape_mismatches(expected[k], saved.get(k, {}), k)]
+  if problems:
+    raise CheckpointError(f'Checkpoint {where} was written by another architecture than '
+                          f'config.model describes; {len(problems)} differing arrays, e.g.:\n  ' +
+                          '\n  '.join(problems[:10]))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   logging.info('Resuming from checkpoint step %d in %s.', step, manager.directory)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # As above: truncated or garbled array files.
+    raise CheckpointError(f'Checkpoint {where} cannot be restored (corrupt, or saved with '
+                          f'another optimizer?): {type(e).__name__}: {e}') from e
 
 
 def _write_config(workdir: str, config) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    # Written aside and renamed: a kill mid-write never leaves a truncated file.
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
 
 
 class Progress:
@@ -247,7 +296,9 @@ def run_steps(config, state, train_step, batches, manager, writer, progress: Pro
   Runs ``state, metrics = train_step(state, batch)`` from start_step to
   total_steps; averages metrics on the device and logs them every
   config.log_every steps; saves ``state`` every config.checkpoint.every_steps
-  and at the end, after checking the metrics are finite.
+  and at the end, after checking the metrics are finite. On SIGTERM
+  (preemption, see distributed.py) it saves after the current step, waits for
+  the save to complete and raises distributed.Preempted.
 
   Args:
     config: needs log_every and checkpoint.every_steps.
@@ -262,6 +313,10 @@ def run_steps(config, state, train_step, batches, manager, writer, progress: Pro
 
   Returns:
     The final state.
+
+  Raises:
+    FloatingPointError: non-finite metrics; the last good checkpoint is kept.
+    distributed.Preempted: stopped by SIGTERM after a completed save.
   """
   summed, count = None, 0
   for step in range(start_step, total_steps):
@@ -270,14 +325,20 @@ def run_steps(config, state, train_step, batches, manager, writer, progress: Pro
       t0 = time.time()
       train_step = train_step.lower(state, batch).compile()
       logging.info('Compiled the train step in %.1f s.', time.time() - t0)
+      # Processes finish compiling at different times; the first step's
+      # collectives would not wait long for a late one (30 s with gloo on CPU).
+      distributed.wait_for_all_processes('compiled_train_step')
       progress.last_time = time.time()  # Throughput excludes compilation.
     state, metrics = train_step(state, batch)
     # Summed on the device: no host sync except at logging and saving steps.
     summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
     count += 1
     done = step + 1
+    # Asked after every step on every process: the processes of a multi-host
+    # run must agree on the step at which they save.
+    preempted = distributed.preemption_requested(done)
     log_now = done % config.log_every == 0 or done == total_steps
-    save_now = done % config.checkpoint.every_steps == 0 or done == total_steps
+    save_now = done % config.checkpoint.every_steps == 0 or done == total_steps or preempted
     if log_now or save_now:
       # Checked before every save, so a non-finite state is never checkpointed.
       scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
@@ -288,4 +349,9 @@ def run_steps(config, state, train_step, batches, manager, writer, progress: Pro
         summed, count = None, 0
     if save_now:
       manager.save(done, args=ocp.args.StandardSave(state))
+    if preempted:
+      manager.wait_until_finished()  # Exit only with the checkpoint complete.
+      raise distributed.Preempted(
+          f'Preempted (SIGTERM): saved checkpoint step {done} of {total_steps} in '
+          f'{manager.directory}; run the same command again to resume.')
   return state

@@ -1,0 +1,178 @@
+"""Running as one of many processes, and stopping safely: start-up, preemption, the workdir lock.
+
+* ``initialize`` starts JAX's multi-controller runtime
+  (``jax.distributed.initialize``) when the run spans several processes: with
+  JAX's own cluster detection on Cloud TPU VMs and under SLURM (the launch/
+  scripts pass ``--distributed``), or with an explicit coordinator, process
+  count and process id (launch/local_multiprocess.sh). Everything after that
+  is the same code for one process or many: each process reads its own TFDS
+  split, batches become global arrays, Orbax saves and restores collectively.
+* Preemption: SIGTERM asks the training loop to save a checkpoint and stop
+  (``preemption_requested``, ``Preempted``). Several processes must save at
+  the same step; JAX's preemption sync manager (started by
+  ``jax.distributed.initialize``, listening for SIGTERM) agrees on that step.
+  A single process without the distributed runtime uses its own SIGTERM
+  handler instead.
+* ``workdir_lock``: an exclusive ``fcntl.flock`` on ``<workdir>/.lock`` held
+  for the whole run, so a second run cannot write into a workdir a live run
+  holds. The kernel releases it when the process dies (even on ``kill -9``),
+  so a stale lock file after a crash never blocks the next run.
+"""
+
+import contextlib
+import fcntl
+import itertools
+import os
+import signal
+import socket
+import threading
+from typing import Iterator, Optional
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+# The exit status of a run stopped by SIGTERM after saving its checkpoint:
+# EX_TEMPFAIL from sysexits.h ("temporary failure; the user is invited to
+# retry"). Not 0, so that a scheduler or a retry loop can tell a preempted run
+# from a finished one; launch/slurm_gpu.sbatch requeues the job on it.
+PREEMPTED_EXIT_CODE = 75
+
+LOCK_FILE = '.lock'
+
+_sigterm = threading.Event()
+_barriers = itertools.count()
+
+
+class Preempted(Exception):
+  """The run saved a checkpoint and stopped because of SIGTERM; rerun to resume."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be used: not writable, or held by another live run."""
+
+
+def _on_sigterm(signum, frame) -> None:
+  del signum, frame
+  if not _sigterm.is_set():
+    logging.warning('SIGTERM: saving a checkpoint after the current step, then stopping.')
+  _sigterm.set()
+
+
+def initialize(auto: bool = False, coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
+  """Starts the multi-process runtime if asked to, and preemption handling.
+
+  Must run before anything touches a JAX device (jax.devices(), any array).
+
+  Args:
+    auto: call ``jax.distributed.initialize()`` and let JAX detect the cluster
+      (Cloud TPU VM pod slice, SLURM, Open MPI).
+    coordinator_address: ``host:port`` of process 0, for an explicit set-up
+      (with num_processes and process_id); implies the distributed runtime.
+    num_processes: number of processes of the run.
+    process_id: this process's index in [0, num_processes).
+  """
+  if auto or coordinator_address is not None:
+    # Arguments left as None are filled in by JAX's cluster detection.
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  if not jax.distributed.is_initialized():
+    # No distributed runtime, hence no preemption sync manager: one process
+    # needs no agreement on the step, a flag is enough.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def preemption_requested(step: int) -> bool:
+  """Whether to save at ``step`` and stop; the same answer on every process.
+
+  Call it after every step with the step count, on every process (JAX's
+  preemption sync point needs all processes to report every step).
+  """
+  if jax.distributed.is_initialized():
+    return multihost_utils.reached_preemption_sync_point(step)
+  return _sigterm.is_set()
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """Blocks until every process gets here; a no-op for a single process.
+
+  A barrier of the coordination service, not a device collective: on CPU the
+  first run of each program sets up its gloo collectives with a fixed 30 s
+  rendezvous, which a process still compiling (or importing) would miss.
+
+  Args:
+    name: what is being waited for, for error messages; made unique here.
+    timeout_s: give up (with an error) after this long.
+  """
+  if jax.process_count() > 1:
+    ocp.multihost.get_barrier_sync_fn()(key=f'barlow_jax/{name}/{next(_barriers)}',
+                                        timeout_ms=timeout_s * 1000)
+
+
+def _describe_holder(fd: int) -> str:
+  try:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 200).decode(errors='replace').strip() or 'unknown process'
+  except OSError:
+    return 'unknown process'
+
+
+def _acquire(workdir: str) -> tuple[Optional[int], str]:
+  """(fd holding the lock, '') or (None, why not)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    return None, f'workdir {workdir!r} is not writable: {e.strerror or e}.'
+  if not os.access(workdir, os.W_OK):
+    os.close(fd)
+    return None, f'workdir {workdir!r} is not writable.'
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _describe_holder(fd)
+    os.close(fd)
+    return None, (f'workdir {workdir!r} is in use by another run ({holder}); '
+                  f'wait for it to finish or use another --workdir (lock file '
+                  f'{os.path.join(workdir, LOCK_FILE)}).')
+  os.ftruncate(fd, 0)
+  os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}\n'.encode())
+  return fd, ''
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive lock on ``workdir`` for the duration of the block.
+
+  Process 0 takes the lock (processes of a multi-host run share the workdir);
+  its answer is broadcast so that every process stops if it failed, instead of
+  waiting in a collective for a process that has left.
+
+  Args:
+    workdir: the run's working directory; created if missing.
+
+  Raises:
+    WorkdirError: the workdir cannot be created or written, or another live
+      run holds it.
+  """
+  if '://' in workdir:  # Object stores (gs://) have no flock.
+    logging.warning('Not locking %s: remote workdirs cannot be locked.', workdir)
+    yield
+    return
+  fd, problem = _acquire(workdir) if jax.process_index() == 0 else (None, '')
+  if jax.process_count() > 1:
+    wait_for_all_processes('workdir_lock')
+    ok = multihost_utils.broadcast_one_to_all(np.int32(not problem))
+    if not ok and not problem:
+      problem = f'process 0 could not lock workdir {workdir!r} (see its message).'
+  if problem:
+    raise WorkdirError(problem)
+  try:
+    yield
+  finally:
+    if fd is not None:
+      fcntl.flock(fd, fcntl.LOCK_UN)
+      os.close(fd)
