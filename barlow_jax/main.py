@@ -24,6 +24,7 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
+from barlow_jax import baselines
 from barlow_jax import config_validation
 from barlow_jax import distributed
 from barlow_jax import evaluate
@@ -37,6 +38,7 @@ from barlow_jax import train
 STAGES = {
     'pretrain': train.train_and_evaluate,
     'linear': linear_eval.run,
+    'baselines': baselines.run,
     'supervised': supervised.run,
     'finetune': finetune.run,
 }

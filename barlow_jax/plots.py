@@ -30,7 +30,7 @@ def cross_correlation_png(c, path: str, title: str = 'cross-correlation C') -> N
   c = np.asarray(c)
   fig, ax = plt.subplots(figsize=(5.5, 4.8))
   im = ax.imshow(c, cmap='RdBu_r', vmin=-1, vmax=1, interpolation='nearest')
-  ax.set_title(f'{title}  (mean diag {np.diag(c).mean():.2f})')
+  ax.set_title(f'{title}\nmean diagonal {np.diag(c).mean():.2f}', fontsize=9)
   ax.set_xlabel('feature j (view 2)'), ax.set_ylabel('feature i (view 1)')
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()

@@ -37,6 +37,7 @@ from barlow_jax import input_pipeline
 from barlow_jax import losses
 from barlow_jax import models
 from barlow_jax import optim
+from barlow_jax import plots
 
 # The one mesh axis; BatchNorm, the loss and every collective use this name.
 DATA_AXIS = 'data'
@@ -286,7 +287,43 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     # never left half-written for the next run to trip over.
     manager.wait_until_finished()
     writer.flush()
+  if jax.process_index() == 0:
+    write_cross_correlation_png(config, state, os.path.join(workdir, 'cross_correlation.png'))
   return state
+
+
+def write_cross_correlation_png(config, state: TrainState, path: str, num_images: int = 256,
+                                max_dim: int = 128) -> None:
+  """Pictures C for two augmented views of test images with the current weights.
+
+  BatchNorm runs in inference mode and the matrix is computed on this
+  process's first device; only its top-left ``max_dim`` block is drawn (a
+  8192 x 8192 image would be unreadable).
+  """
+  spec = input_pipeline.dataset_spec(config.dataset)
+  builder = input_pipeline.get_builder(config.dataset, config.data_dir, config.download)
+  images = next(input_pipeline.eval_batches(builder, spec, spec.test_split, num_images))['image']
+  local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
+  variables = {'params': jax.tree.map(local, state.params),
+               'batch_stats': jax.tree.map(local, state.batch_stats)}
+  model = models.create_model(config)
+  aug = config.augment
+  views = [augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)]
+  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def embed(variables, images, key, which: int):
+    x = augment.augment_batch(jax.random.split(key, images.shape[0]), images, views[which],
+                              aug.crop_size)
+    x = augment.normalize(x, spec.mean, spec.std).astype(jnp.dtype(config.model.dtype))
+    return model.apply(variables, x, train=False)['embeddings']
+
+  z1 = embed(variables, images, keys[0], 0)
+  z2 = embed(variables, images, keys[1], 1)
+  c = np.asarray(losses.cross_correlation(z1, z2))
+  plots.cross_correlation_png(c[:max_dim, :max_dim], path,
+                              f'C of {len(images)} test images, step {int(local(state.step))}'
+                              + (f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''))
 
 
 def run_steps(config, state, train_step, batches, manager, writer, progress: Progress,

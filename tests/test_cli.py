@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import matplotlib.pyplot as plt
+
 from conftest import DATA_DIR, REPO, needs_cifar10
 
 
@@ -25,6 +27,8 @@ def test_quick_start_config_runs_and_checkpoints(tmp_path):
   assert saved['num_steps'] == 3 and saved['model']['encoder'] == 'resnet18'
   assert 'img/s' in result.stderr and 'Compiled the train step' in result.stderr
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  picture = plt.imread(tmp_path / 'cross_correlation.png')
+  assert picture.shape[0] > 100 and picture[..., :3].std() > 0.05  # A real, non-blank image.
 
 
 def test_invalid_value_exits_2_naming_the_key(tmp_path):
