@@ -46,22 +46,6 @@ def load_pretrain_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _shape_mismatches(abstract, metadata) -> list[str]:
-  flat_expected = dict(jax.tree_util.tree_flatten_with_path(abstract)[0])
-  flat_saved = dict(jax.tree_util.tree_flatten_with_path(metadata)[0])
-  problems = []
-  for path, leaf in flat_expected.items():
-    name = jax.tree_util.keystr(path)
-    saved = flat_saved.get(path)
-    if saved is None:
-      problems.append(f'{name}: missing from the checkpoint')
-    elif tuple(saved.shape) != tuple(leaf.shape):
-      problems.append(f'{name}: checkpoint {tuple(saved.shape)} vs config {tuple(leaf.shape)}')
-  problems += [f'{jax.tree_util.keystr(p)}: in the checkpoint but not in the config'
-               for p in flat_saved if p not in flat_expected]
-  return problems
-
-
 def restore_encoder(config, workdir: str, step: Optional[int] = None, mesh=None):
   """Params and batch_stats of the BarlowTwinsModel described by ``config``.
 
@@ -89,8 +73,8 @@ def restore_encoder(config, workdir: str, step: Optional[int] = None, mesh=None)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
   abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
   saved = manager.item_metadata(step).tree
-  problems = [f'[{k!r}]{p}' for k in ('params', 'batch_stats')  # Params first: most telling.
-              for p in _shape_mismatches(getattr(abstract, k), saved.get(k, {}))]
+  problems = [p for k in ('params', 'batch_stats')  # Params first: the most telling.
+              for p in train.shape_mismatches(getattr(abstract, k), saved.get(k, {}), k)]
   if problems:
     raise CheckpointMismatchError(
         f'Checkpoint {manager.directory}/{step} does not match the architecture '

@@ -74,11 +74,6 @@ def create_train_state(config, model: models.BarlowTwinsModel, tx, mesh: Mesh) -
   return init()
 
 
-def _probe_metrics(logits, labels):
-  """Global masked cross-entropy and accuracy of the online probe (labels < 0 ignored)."""
-  return losses.masked_cross_entropy(logits, labels, DATA_AXIS)
-
-
 def make_train_step(config, model: models.BarlowTwinsModel, tx, mesh: Mesh,
                     lr_schedule: Callable) -> Callable:
   """Returns jitted ``train_step(state, batch) -> (state, metrics)``; state is donated.
@@ -108,7 +103,8 @@ def make_train_step(config, model: models.BarlowTwinsModel, tx, mesh: Mesh,
                               train=True, mutable=['batch_stats'])
       terms = losses.barlow_twins_terms(out1['embeddings'], out2['embeddings'], DATA_AXIS)
       bt_loss = terms.on_diag + lambd * terms.off_diag
-      probe_loss, probe_acc = _probe_metrics(out1['probe_logits'], labels)
+      probe_loss, probe_acc = losses.masked_cross_entropy(out1['probe_logits'], labels,
+                                                          DATA_AXIS)
       # The probe reads stop_gradient(features): its loss trains only the probe.
       metrics = {'bt_loss': bt_loss, 'on_diag': terms.on_diag, 'off_diag': terms.off_diag,
                  'probe_loss': probe_loss, 'probe_accuracy': probe_acc}
@@ -153,7 +149,7 @@ class CheckpointError(ValueError):
   """The workdir's latest checkpoint cannot be restored into this run's state."""
 
 
-def _shape_mismatches(expected, saved, name: str) -> list[str]:
+def shape_mismatches(expected, saved, name: str) -> list[str]:
   """Leaves of ``expected`` whose shape differs from, or is missing in, ``saved``."""
   want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
   have = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
@@ -188,7 +184,7 @@ def restore_or_keep(manager: ocp.CheckpointManager, state: TrainState) -> TrainS
                           f'{type(e).__name__}: {e}') from e
   # Any state with params/batch_stats fields (every stage's) is checked.
   expected = {k: getattr(state, k) for k in ('params', 'batch_stats') if hasattr(state, k)}
-  problems = [p for k in expected for p in _shape_mismatches(expected[k], saved.get(k, {}), k)]
+  problems = [p for k in expected for p in shape_mismatches(expected[k], saved.get(k, {}), k)]
   if problems:
     raise CheckpointError(f'Checkpoint {where} was written by another architecture than '
                           f'config.model describes; {len(problems)} differing arrays, e.g.:\n  ' +

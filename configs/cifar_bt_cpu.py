@@ -10,7 +10,9 @@ Recipe (close to solo-learn's CIFAR Barlow Twins): LARS, lr 0.3 per 256,
 weight decay 1e-4, projector 1024-1024-1024, no blur (it hurts at 32 px),
 solarize 0.2 on the second view.
 
-Expected result and the command: see README, "Quick start on a laptop CPU".
+Expected (measured on 2 cores): 10 min 38 s; then configs/cifar_linear.py gives
+40.6% linear / 38.3% kNN top-1 on the test set (same encoder untrained: 30.6%;
+logistic regression on pixels: 38.6%). Details in README, "Quick start".
 
   python -m barlow_jax.main --config=configs/cifar_bt_cpu.py --workdir=runs/bt_cpu
 """
