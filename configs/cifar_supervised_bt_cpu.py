@@ -1,10 +1,15 @@
 r"""CPU-scale supervised Barlow Twins on CIFAR-10: CE + CE + gamma * BT vs CE alone.
 
-configs/cifar_supervised_bt.py (ResNet-18, batch 128, SGD 0.01, the full
-augmentation pipeline) shrunk to fit a few minutes per run on 2 CPU cores:
-width 8 (1/8 of the channels), a 512-unit layer and a 512-128 embedding head
-instead of 2048 and 2048-128, NUM_EPOCHS epochs instead of 1000, train
-accuracy on the first 10k training images, 1000 images in the embedding plots.
+configs/cifar_supervised_bt.py (ResNet-18, batch 128, SGD momentum 0.9,
+lr 0.01, weight decay 1e-4, the full augmentation pipeline) shrunk to a few
+minutes per run on 2 CPU cores:
+  * width 8 (1/8 of the channels), a 512-unit layer and a 512-128 embedding
+    head instead of 2048 and 2048-128;
+  * the first 10k training images (about 1000 per class), 3 epochs (234
+    steps) instead of all 50k for 1000 epochs;
+  * train accuracy on those same 10k images (no augmentation), 1000 images
+    in the embedding plots.
+At ~150 img/s (two branches) a run takes about 4 minutes with evaluation.
 
 Expected result and the exact measurement: README, "Supervised learning with
 a Barlow Twins term".
@@ -17,18 +22,17 @@ import ml_collections
 
 from configs import cifar_supervised_bt
 
-NUM_EPOCHS = 2.0
-
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """``arg`` as in cifar_supervised_bt (encoder and/or ablation)."""
   config = cifar_supervised_bt.get_config(arg)
+  config.train_split = 'train[:10000]'
   config.model.width = 8
   config.model.feature_dim = 512
   config.model.embedding = '512-128'
-  config.num_epochs = NUM_EPOCHS
-  config.eval.train_split = 'train[:10000]'
+  config.num_epochs = 3.0
+  config.eval.train_split = config.train_split  # Train accuracy on the images trained on.
   config.plots.num_examples = 1000
-  config.log_every = 50
-  config.checkpoint.every_steps = 200
+  config.log_every = 39
+  config.checkpoint.every_steps = 117
   return config

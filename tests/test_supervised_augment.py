@@ -6,9 +6,11 @@ import pytest
 
 from barlow_jax import augment
 from barlow_jax import config_validation
+from barlow_jax import supervised
 from configs import cifar_finetune
 from configs import cifar_supervised
 from configs import cifar_supervised_bt
+from configs import stl10_supervised_bt
 from conftest import tiny_supervised_config
 
 N = 256
@@ -83,6 +85,14 @@ def test_baseline_configs_are_valid():
   assert cifar_supervised.get_config('noaug').augment.view1.crop == 0
   config = cifar_finetune.get_config()
   assert config.optimizer.head_lr == 0.5 and config.optimizer.lr == 0.002
+
+
+def test_stl10_adds_unlabelled_images_only_for_the_bt_term():
+  config = stl10_supervised_bt.get_config()
+  config_validation.validate_supervised(config)
+  assert supervised.train_split(config) == 'train+unlabelled[:5000]'
+  config.gamma = 0.0  # The baseline: the 5000 labelled images alone (§4.4).
+  assert supervised.train_split(config) == 'train'
 
 
 def test_unknown_config_argument_names_the_choices():
