@@ -22,10 +22,9 @@ def _one_step(config, devices, batch):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize('optimizer', ['lars', 'sgd'])
-def test_eight_devices_match_one(optimizer):
+def test_eight_devices_match_one():
   config = tiny_config()
-  config.optimizer.name = optimizer
+  config.optimizer.name = 'lars'  # The paper's; its trust ratio needs global grad norms.
   config.optimizer.warmup_epochs = 0.0
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
