@@ -174,6 +174,8 @@ def restore_or_keep(manager: ocp.CheckpointManager, state: TrainState) -> TrainS
   if step is None:
     return state
   where = f'{manager.directory}/{step}'
+  advice = (f'Move {where} aside to resume from the previous checkpoint, or use a new '
+            '--workdir.')
   # The metadata is read first, so that a checkpoint of another architecture
   # fails with the list of differing parameters instead of a restore error.
   try:
@@ -181,7 +183,7 @@ def restore_or_keep(manager: ocp.CheckpointManager, state: TrainState) -> TrainS
     saved = {k: saved[k] for k in ('params', 'batch_stats') if k in saved}
   except Exception as e:  # Orbax and tensorstore raise many types for bad files.
     raise CheckpointError(f'Checkpoint {where} is unreadable (corrupt or incomplete?): '
-                          f'{type(e).__name__}: {e}') from e
+                          f'{type(e).__name__}: {e}\n{advice}') from e
   # Any state with params/batch_stats fields (every stage's) is checked.
   expected = {k: getattr(state, k) for k in ('params', 'batch_stats') if hasattr(state, k)}
   problems = [p for k in expected for p in shape_mismatches(expected[k], saved.get(k, {}), k)]
@@ -195,7 +197,7 @@ def restore_or_keep(manager: ocp.CheckpointManager, state: TrainState) -> TrainS
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # As above: truncated or garbled array files.
     raise CheckpointError(f'Checkpoint {where} cannot be restored (corrupt, or saved with '
-                          f'another optimizer?): {type(e).__name__}: {e}') from e
+                          f'another optimizer?): {type(e).__name__}: {e}\n{advice}') from e
 
 
 def _write_config(workdir: str, config) -> None:

@@ -1,0 +1,156 @@
+"""Running barlow_jax.main (or the local launcher) in subprocesses, and reading what they wrote.
+
+Shared by the multi-process, preemption and bad-input tests. Every subprocess
+runs in its own session with a timeout, and its whole process group is killed
+afterwards, so a failing test leaves no process behind.
+"""
+
+import atexit
+import contextlib
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from barlow_jax import models
+from barlow_jax import optim
+from barlow_jax import train
+from conftest import REPO
+
+BASE_CONFIG = 'configs/cifar_bt_cpu.py'
+
+# One persistent compilation cache for every subprocess of the session: runs of
+# the same config on the same devices compile once (a restart costs seconds,
+# not the 10-30 s of compiling the train step again).
+_CACHE_DIR = tempfile.mkdtemp(prefix='barlow_jax_test_cache_')
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def overrides(config) -> list[str]:
+  """``--config.key=value`` for every value where ``config`` differs from BASE_CONFIG."""
+  from configs import cifar_bt_cpu
+  base = _flatten(cifar_bt_cpu.get_config().to_dict())
+  changed = {k: v for k, v in _flatten(config.to_dict()).items() if k not in base or base[k] != v}
+  for key, value in changed.items():
+    assert not isinstance(value, (tuple, list)), f'{key}: only scalar overrides are supported'
+  return [f'--config.{k}={v!r}' if isinstance(v, float) else f'--config.{k}={v}'
+          for k, v in changed.items()]
+
+
+def env(devices: int = 1, **extra: str) -> dict:
+  """A subprocess environment with ``devices`` CPU devices per process.
+
+  The test process itself runs with XLA_FLAGS asking for 8 devices
+  (conftest.py); subprocesses get their own count instead.
+  """
+  out = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
+             TF_CPP_MIN_LOG_LEVEL='2', PYTHON=sys.executable,
+             JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  out.update(extra)
+  return out
+
+
+def main_cmd(workdir, config, *extra: str) -> list[str]:
+  return [sys.executable, '-m', 'barlow_jax.main', f'--config={BASE_CONFIG}',
+          f'--workdir={workdir}', *overrides(config), *extra]
+
+
+def launcher_cmd(num_processes: int, devices: int, workdir, config) -> list[str]:
+  return ['bash', 'launch/local_multiprocess.sh', str(num_processes),
+          f'--devices_per_process={devices}', '--', f'--config={BASE_CONFIG}',
+          f'--workdir={workdir}', *overrides(config)]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+  with contextlib.suppress(ProcessLookupError, PermissionError):
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def start(cmd: list[str], environ: dict) -> subprocess.Popen:
+  return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def run(cmd: list[str], environ: dict, timeout: float) -> subprocess.CompletedProcess:
+  """Runs ``cmd`` to completion; fails the test (and kills everything) on timeout."""
+  proc = start(cmd, environ)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    kill_group(proc)
+    out, err = proc.communicate()
+    raise AssertionError(f'Timed out after {timeout} s: {" ".join(cmd)}\n{err[-4000:]}')
+  finally:
+    kill_group(proc)  # Stragglers, e.g. processes of the launcher.
+  return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def latest_step(workdir) -> Optional[int]:
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()] \
+      if os.path.isdir(os.path.join(workdir, 'checkpoints')) else []
+  return max(steps, default=None)
+
+
+def abstract_state(config, devices=None):
+  """The TrainState structure of ``config``, replicated over ``devices``."""
+  mesh = train.make_mesh(devices)
+  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
+  abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      abstract)
+
+
+def load_state(workdir, config, step: Optional[int] = None, devices=None):
+  """A checkpoint of ``workdir`` restored onto ``devices`` (default all), as numpy."""
+  manager = train.checkpoint_manager(workdir, config)
+  try:
+    step = manager.latest_step() if step is None else step
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_state(config, devices)))
+    return jax.device_get(restored)
+  finally:
+    manager.close()
+
+
+def max_abs_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def assert_states_equal(a, b) -> None:
+  """Bit-identical TrainStates: step, params, batch_stats, optimiser state and rng."""
+  assert int(a.step) == int(b.step)
+  for name in ('params', 'batch_stats', 'opt_state', 'rng'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(a, name), getattr(b, name))
+
+
+def read_scalars(workdir, tag: str) -> dict[int, float]:
+  """{step: value} of a TensorBoard scalar written by the run's clu writer."""
+  import tensorflow as tf  # Only for reading event files.
+  values = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
