@@ -12,8 +12,11 @@ import os
 import shutil
 import signal
 import subprocess
+import re
 import sys
 import tempfile
+import threading
+import time
 from typing import Optional
 
 import jax
@@ -102,6 +105,51 @@ def run(cmd: list[str], environ: dict, timeout: float) -> subprocess.CompletedPr
   finally:
     kill_group(proc)  # Stragglers, e.g. processes of the launcher.
   return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class StreamingRun:
+  """A subprocess whose stderr is read by a thread, tracking the step process 0 logged."""
+
+  def __init__(self, cmd: list[str], environ: dict):
+    self.proc = start(cmd, environ)
+    self.lines = []
+    self.step = 0  # Last step logged (with config.log_every = 1: every step).
+    self.reader = threading.Thread(target=self._read, daemon=True)
+    self.reader.start()
+
+  def _read(self):
+    for line in self.proc.stderr:
+      self.lines.append(line)
+      if match := re.search(r'\] step (\d+)/', line):
+        self.step = int(match.group(1))
+
+  def wait_for_step(self, step: int, timeout: float) -> None:
+    """Until the run logged ``step`` (or exited)."""
+    end = time.time() + timeout
+    while self.step < step and self.proc.poll() is None:
+      assert time.time() < end, ''.join(self.lines)[-4000:]
+      time.sleep(0.002)
+
+  def finish(self, timeout: float) -> tuple[int, str]:
+    """(exit status, stderr); kills the process group on timeout or failure."""
+    try:
+      self.proc.wait(timeout)
+    finally:
+      kill_group(self.proc)
+      self.proc.wait()
+      self.reader.join(10)
+    return self.proc.returncode, ''.join(self.lines)
+
+
+def child_with_arg(parent_pid: int, arg: str) -> int:
+  """The pid of the child of ``parent_pid`` whose command line holds ``arg``."""
+  with open(f'/proc/{parent_pid}/task/{parent_pid}/children') as f:
+    children = [int(p) for p in f.read().split()]
+  for pid in children:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      if arg.encode() in f.read().split(b'\0'):
+        return pid
+  raise LookupError(f'no child of {parent_pid} with {arg}')
 
 
 def latest_step(workdir) -> Optional[int]:

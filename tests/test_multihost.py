@@ -6,15 +6,20 @@ coordinator on a free port. Each process reads its own half of CIFAR-10
 local batch s (rows 0-7) followed by process 1's (rows 8-15). The reference is
 one process with 8 devices fed exactly those global batches. It also writes
 the checkpoint the 2-process run starts from, and reads the one it ends with.
+The 2-process run is stopped by a SIGTERM to one process only, as when one
+host of a pod is preempted: JAX's preemption sync makes both save the same step.
 """
 
 import os
+import re
+import signal
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
+from barlow_jax import distributed
 from barlow_jax import input_pipeline
 from barlow_jax import models
 from barlow_jax import optim
@@ -30,7 +35,7 @@ def _reference_run(config, save_at: int, workdir):
   checkpoint (what a 1-process, 1-device run writes).
 
   Returns:
-    (final state as numpy, {step: bt_loss}).
+    ({step: state as numpy}, {step: bt_loss}).
   """
   data = input_pipeline.load_train_data(config)
   steps_per_epoch = data.num_global // config.batch_size
@@ -50,25 +55,26 @@ def _reference_run(config, save_at: int, workdir):
   state = train.create_train_state(config, model, tx, mesh)
   train_step = train.make_train_step(config, model, tx, mesh, schedule)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
-  losses = {}
+  states, losses = {}, {}
   for step in range(total):
     parts = [next(s) for s in streams]
     batch = {k: jax.device_put(np.concatenate([p[k] for p in parts]), sharding) for k in parts[0]}
     state, metrics = train_step(state, batch)
     losses[step + 1] = float(metrics['bt_loss'])
+    states[step + 1] = jax.device_get(state)
     if step + 1 == save_at:
       manager = train.checkpoint_manager(workdir, config)
       one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       manager.save(save_at, args=ocp.args.StandardSave(jax.device_put(state, one_device)))
       manager.wait_until_finished()
       manager.close()
-  return jax.device_get(state), losses
+  return states, losses
 
 
 @needs_cifar10
-def test_two_processes_match_one_and_checkpoints_restore_across_process_and_device_counts(
-    tmp_path):
-  config = tiny_config()  # Global batch 16, 4 steps, checkpoints every 2.
+def test_two_processes_match_one_restore_across_counts_and_stop_together_on_sigterm(tmp_path):
+  config = tiny_config()  # Global batch 16.
+  config.num_steps = 8
   config.log_every = 1
   # 1 process x 8 devices on the 2-process run's global batches. Its state
   # after step 1 is saved by this single process, from one device.
@@ -76,34 +82,41 @@ def test_two_processes_match_one_and_checkpoints_restore_across_process_and_devi
   reference, reference_losses = _reference_run(config, save_at=1, workdir=workdir)
 
   # 2 processes x 4 devices resume from that checkpoint (another process and
-  # device count) and train steps 2 to 4 on their own halves of the data.
-  result = cli_runs.run(cli_runs.launcher_cmd(2, 4, workdir, config), cli_runs.env(),
-                        timeout=400)
-  assert result.returncode == 0, result.stderr[-4000:]
-  assert 'Resuming from checkpoint step 1' in result.stderr
-  assert 'start at 1; 8 devices, 2 processes' in result.stderr
-  assert sorted(os.listdir(workdir / 'checkpoints')) == ['1', '2', '4']
+  # device count) and train on their own halves of the data, until process 1
+  # alone gets SIGTERM: both must save at the same step and exit 75.
+  run = cli_runs.StreamingRun(cli_runs.launcher_cmd(2, 4, workdir, config), cli_runs.env())
+  run.wait_for_step(3, timeout=400)
+  os.kill(cli_runs.child_with_arg(run.proc.pid, '--process_id=1'), signal.SIGTERM)
+  code, stderr = run.finish(timeout=120)
+  assert code == distributed.PREEMPTED_EXIT_CODE, stderr[-4000:]
+  assert 'Resuming from checkpoint step 1' in stderr
+  assert 'start at 1; 8 devices, 2 processes' in stderr
+  saved = re.findall(r'^Preempted \(SIGTERM\): saved checkpoint step (\d+)', stderr, re.M)
+  assert len(saved) == 2 and saved[0] == saved[1], saved  # One line per process.
+  stop = int(saved[0])
+  assert 2 <= stop < config.num_steps and cli_runs.latest_step(workdir) == stop
   # Console from process 0 only: one progress line per step, process 1 silent.
-  assert 'JAX process 0/2' in result.stderr and 'JAX process 1/2' not in result.stderr
-  assert result.stderr.count('step 4/4') == 1
+  assert 'JAX process 0/2' in stderr and 'JAX process 1/2' not in stderr
+  assert stderr.count(f'step {stop}/{config.num_steps}') == 1
 
+  steps = range(2, stop + 1)
   two_losses = cli_runs.read_scalars(workdir, 'train/bt_loss')
-  assert sorted(two_losses) == [2, 3, 4]
-  np.testing.assert_allclose([two_losses[s] for s in (2, 3, 4)],
-                             [reference_losses[s] for s in (2, 3, 4)], rtol=1e-5)
+  assert sorted(two_losses) == list(steps)
+  np.testing.assert_allclose([two_losses[s] for s in steps], [reference_losses[s] for s in steps],
+                             rtol=1e-5)
   # Written by 2 processes, restored in 1 process onto 8 devices and onto 1.
   restored = cli_runs.load_state(workdir, config)
   on_one_device = cli_runs.load_state(workdir, config, devices=jax.devices()[:1])
   cli_runs.assert_states_equal(on_one_device, restored)
-  assert int(restored.step) == int(reference.step) == 4
-  start = cli_runs.load_state(workdir, config, step=1)
-  assert cli_runs.max_abs_diff(restored.params, start.params) > 1e-4  # Training moved them.
+  expected = reference[stop]
+  assert int(restored.step) == int(expected.step) == stop
+  assert cli_runs.max_abs_diff(restored.params, reference[1].params) > 1e-4  # They trained.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
-               restored.params, reference.params)
+               restored.params, expected.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               restored.batch_stats, reference.batch_stats)
-  print(f'\n2x4 vs 1x8, steps 2-4: max |d loss| '
-        f'{max(abs(two_losses[s] - reference_losses[s]) for s in (2, 3, 4)):.3g}, '
-        f'max |d param| {cli_runs.max_abs_diff(restored.params, reference.params):.3g}, '
+               restored.batch_stats, expected.batch_stats)
+  print(f'\n2x4 vs 1x8, steps 2-{stop} (SIGTERM to process 1 after step {run.step}): '
+        f'max |d loss| {max(abs(two_losses[s] - reference_losses[s]) for s in steps):.3g}, '
+        f'max |d param| {cli_runs.max_abs_diff(restored.params, expected.params):.3g}, '
         f'max |d batch_stats| '
-        f'{cli_runs.max_abs_diff(restored.batch_stats, reference.batch_stats):.3g}')
+        f'{cli_runs.max_abs_diff(restored.batch_stats, expected.batch_stats):.3g}')

@@ -17,7 +17,6 @@ import os
 import random
 import re
 import signal
-import threading
 import time
 
 import cli_runs
@@ -26,39 +25,6 @@ from conftest import needs_cifar10, tiny_config
 
 _SEED = 20261122  # Fixed, so that a failure replays with the same kill points.
 _DEADLINE_S = 600  # All runs together: a hang fails the test instead of blocking CI.
-
-
-class _Run:
-  """A main.py subprocess whose stderr is read by a thread, tracking the logged step."""
-
-  def __init__(self, cmd, environ):
-    self.proc = cli_runs.start(cmd, environ)
-    self.lines = []
-    self.step = 0  # Last step logged (config.log_every = 1: every step).
-    self.reader = threading.Thread(target=self._read, daemon=True)
-    self.reader.start()
-
-  def _read(self):
-    for line in self.proc.stderr:
-      self.lines.append(line)
-      if match := re.search(r'\] step (\d+)/', line):
-        self.step = int(match.group(1))
-
-  def wait_for_step(self, step: int, timeout: float) -> None:
-    """Until the run logged ``step`` (or exited)."""
-    end = time.time() + timeout
-    while self.step < step and self.proc.poll() is None:
-      assert time.time() < end, ''.join(self.lines)[-4000:]
-      time.sleep(0.002)
-
-  def finish(self, timeout):
-    try:
-      self.proc.wait(timeout)
-    finally:
-      cli_runs.kill_group(self.proc)
-      self.proc.wait()
-      self.reader.join(10)
-    return self.proc.returncode, ''.join(self.lines)
 
 
 def _tmp_dirs(workdir):
@@ -79,7 +45,7 @@ def test_kill9_and_sigterm_at_random_points_resume_to_identical_parameters(tmp_p
 
   # The uninterrupted run goes alongside the first interrupted one (2 cores).
   straight_dir = tmp_path / 'straight'
-  straight = _Run(cli_runs.main_cmd(straight_dir, config), environ)
+  straight = cli_runs.StreamingRun(cli_runs.main_cmd(straight_dir, config), environ)
 
   workdir = tmp_path / 'interrupted'
   # Five kills (four at random steps, one the moment a save is in flight) and a SIGTERM.
@@ -88,7 +54,7 @@ def test_kill9_and_sigterm_at_random_points_resume_to_identical_parameters(tmp_p
   report = []
   for i, kind in enumerate(plan):
     before = cli_runs.latest_step(workdir) or 0
-    run = _Run(cli_runs.main_cmd(workdir, config), environ)
+    run = cli_runs.StreamingRun(cli_runs.main_cmd(workdir, config), environ)
     if kind == 'kill -9 during save':
       run.wait_for_step(before + 1, timeout=max(1, deadline - time.time()))
       while not _tmp_dirs(workdir) and run.proc.poll() is None:
@@ -122,7 +88,7 @@ def test_kill9_and_sigterm_at_random_points_resume_to_identical_parameters(tmp_p
 
   code, log = straight.finish(timeout=max(1, deadline - time.time()))
   assert code == 0, log[-4000:]
-  final = _Run(cli_runs.main_cmd(workdir, config), environ)
+  final = cli_runs.StreamingRun(cli_runs.main_cmd(workdir, config), environ)
   code, log = final.finish(timeout=max(1, deadline - time.time()))
   assert code == 0, log[-4000:]
   assert f'Resuming from checkpoint step {report[-1]["after"]}' in log
