@@ -12,7 +12,8 @@
   the same step; JAX's preemption sync manager (started by
   ``jax.distributed.initialize``, listening for SIGTERM) agrees on that step.
   A single process without the distributed runtime uses its own SIGTERM
-  handler instead.
+  handler instead, which ends the process at once when no training loop is
+  running (start-up, compilation of the first step, evaluation).
 * ``workdir_lock``: an exclusive ``fcntl.flock`` on ``<workdir>/.lock`` held
   for the whole run, so a second run cannot write into a workdir a live run
   holds. The kernel releases it when the process dies (even on ``kill -9``),
@@ -43,6 +44,7 @@ PREEMPTED_EXIT_CODE = 75
 LOCK_FILE = '.lock'
 
 _sigterm = threading.Event()
+_loop_running = False  # A training loop is polling preemption_requested.
 _barriers = itertools.count()
 
 
@@ -55,7 +57,13 @@ class WorkdirError(OSError):
 
 
 def _on_sigterm(signum, frame) -> None:
-  del signum, frame
+  del frame
+  if not _loop_running:
+    # Nothing would save a checkpoint (start-up, compiling, evaluation):
+    # stop at once, as SIGTERM does by default.
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return
   if not _sigterm.is_set():
     logging.warning('SIGTERM: saving a checkpoint after the current step, then stopping.')
   _sigterm.set()
@@ -89,8 +97,11 @@ def preemption_requested(step: int) -> bool:
   """Whether to save at ``step`` and stop; the same answer on every process.
 
   Call it after every step with the step count, on every process (JAX's
-  preemption sync point needs all processes to report every step).
+  preemption sync point needs all processes to report every step), and
+  ``training_loop_ended`` when the loop is done.
   """
+  global _loop_running
+  _loop_running = True
   if jax.distributed.is_initialized():
     return multihost_utils.reached_preemption_sync_point(step)
   return _sigterm.is_set()
@@ -110,6 +121,12 @@ def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
   if jax.process_count() > 1:
     ocp.multihost.get_barrier_sync_fn()(key=f'barlow_jax/{name}/{next(_barriers)}',
                                         timeout_ms=timeout_s * 1000)
+
+
+def training_loop_ended() -> None:
+  """From now on SIGTERM ends a single process at once again (nothing polls it)."""
+  global _loop_running
+  _loop_running = False
 
 
 def _describe_holder(fd: int) -> str:

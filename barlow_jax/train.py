@@ -389,4 +389,5 @@ def run_steps(config, state, train_step, batches, manager, writer, progress: Pro
       raise distributed.Preempted(
           f'Preempted (SIGTERM): saved checkpoint step {done} of {total_steps} in '
           f'{manager.directory}; run the same command again to resume.')
+  distributed.training_loop_ended()
   return state
