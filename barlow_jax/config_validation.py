@@ -53,22 +53,27 @@ def validate_data(config) -> None:
   _require(b % p == 0, f'config.batch_size={b} must be divisible by the process count ({p}).')
 
 
+def validate_view(cfg, key: str) -> None:
+  """Checks one augment.ViewAugment given as a dict; ``key`` names it in errors."""
+  try:
+    view = augment.view_from_config(cfg)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'config.{key}: {e}') from None
+  for field in ('crop', 'flip', 'jitter', 'grayscale', 'blur', 'solarize'):
+    p = getattr(view, field)
+    _require(0.0 <= p <= 1.0, f'config.{key}.{field}={p} must be a probability in [0, 1].')
+  _require(view.blur_kernel > 0 and view.blur_kernel % 2 == 1,
+           f'config.{key}.blur_kernel={view.blur_kernel} must be a positive odd integer.')
+  lo, hi = view.crop_scale
+  _require(0.0 < lo <= hi <= 1.0, f'config.{key}.crop_scale={view.crop_scale} '
+           'must satisfy 0 < min <= max <= 1.')
+
+
 def validate_augment(config) -> None:
   a = config.augment
   _require(a.crop_size > 0, f'config.augment.crop_size={a.crop_size} must be positive.')
   for name in ('view1', 'view2'):
-    try:
-      view = augment.view_from_config(a[name])
-    except (ValueError, TypeError) as e:
-      raise ConfigError(f'config.augment.{name}: {e}') from None
-    for field in ('crop', 'flip', 'jitter', 'grayscale', 'blur', 'solarize'):
-      p = getattr(view, field)
-      _require(0.0 <= p <= 1.0, f'config.augment.{name}.{field}={p} must be a probability in [0, 1].')
-    _require(view.blur_kernel > 0 and view.blur_kernel % 2 == 1,
-             f'config.augment.{name}.blur_kernel={view.blur_kernel} must be a positive odd integer.')
-    lo, hi = view.crop_scale
-    _require(0.0 < lo <= hi <= 1.0, f'config.augment.{name}.crop_scale={view.crop_scale} '
-             'must satisfy 0 < min <= max <= 1.')
+    validate_view(a[name], f'augment.{name}')
 
 
 def validate_optimizer(config) -> None:
@@ -106,6 +111,13 @@ def validate_linear(config) -> None:
            f'config.batch_size={config.batch_size} must be a positive multiple of the device '
            f'count ({jax.device_count()}).')
   _require(config.probe.epochs > 0, f'config.probe.epochs={config.probe.epochs} must be positive.')
+  if config.probe.get('augment'):
+    # One global batch per step, sharded over the devices and fed by every process.
+    b, n, p = config.probe.batch_size, jax.device_count(), jax.process_count()
+    _require(b > 0 and b % n == 0 and b % p == 0,
+             f'config.probe.batch_size={b} must be a positive multiple of the device count ({n}) '
+             f'and of the process count ({p}) when config.probe.augment is set.')
+    validate_view(config.probe.view, 'probe.view')
   _require(all(k > 0 for k in config.knn.k), f'config.knn.k={config.knn.k} must be positive.')
 
 

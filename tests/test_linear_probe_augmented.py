@@ -1,0 +1,168 @@
+"""The linear probe trained on augmented views computed on the fly (config.probe.augment).
+
+References: with augmentation off, the on-the-fly probe must train the
+classifier that the cached-feature probe trains on the same batches in the
+same order, and that a float64 NumPy SGD written out here trains; with
+augmentation on, the views (keys per example from (seed, step)) and so the
+classifier must not depend on the device count. End to end: the stage on a
+2-step pretraining checkpoint.
+"""
+
+import json
+import logging
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from barlow_jax import augment
+from barlow_jax import config_validation
+from barlow_jax import evaluate
+from barlow_jax import input_pipeline
+from barlow_jax import linear_eval
+from barlow_jax import models
+from barlow_jax import train
+from configs import cifar_linear
+from conftest import DATA_DIR, needs_cifar10, tiny_config
+
+SPLIT = 'train[:96]'  # 3 batches of 32 per epoch.
+HYPER = dict(epochs=3, batch_size=32, lr=0.3, weight_decay=1e-3, momentum=0.9, seed=5)
+NO_AUGMENTATION = augment.ViewAugment(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0,
+                                      solarize=0.0)
+CROP_FLIP = augment.ViewAugment(crop=1.0, flip=0.5, jitter=0.0, grayscale=0.0, blur=0.0,
+                                solarize=0.0)
+
+
+def numpy_probe(x, y, order, num_classes, lr, weight_decay, momentum):
+  """Float64 softmax regression: standardise, then SGD momentum with L2 and cosine lr.
+
+  Step t uses rows order[t] and lr * (1 + cos(pi t / T)) / 2, T = len(order).
+  """
+  mean, std = x.mean(0), x.std(0) + 1e-6
+  z = (x - mean) / std
+  w, b = np.zeros((x.shape[1], num_classes)), np.zeros(num_classes)
+  vw, vb = np.zeros_like(w), np.zeros_like(b)
+  for t, rows in enumerate(order):
+    logits = z[rows] @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(rows)), y[rows]] -= 1.0  # d(mean CE)/d(logits), times the batch size.
+    gw, gb = z[rows].T @ p / len(rows) + weight_decay * w, p.mean(0) + weight_decay * b
+    vw, vb = momentum * vw + gw, momentum * vb + gb
+    step_lr = lr * 0.5 * (1 + math.cos(math.pi * t / len(order)))
+    w, b = w - step_lr * vw, b - step_lr * vb
+  return lambda f: ((f - mean) / std) @ w + b
+
+
+@pytest.fixture(scope='module')
+def encoder(small_resnet):
+  """(config, model, random-init variables, data, clean features and labels of SPLIT)."""
+  config = tiny_config()
+  config.model.encoder = small_resnet
+  config.train_split = SPLIT
+  model = models.create_model(config)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32),
+                         train=False)
+  x, y = evaluate.extract_features(config, model, variables, SPLIT, 32, train.make_mesh())
+  return config, model, variables, input_pipeline.load_train_data(config), x, y
+
+
+def pipeline_order(config, data, steps: int) -> np.ndarray:
+  """[steps, 32] rows of SPLIT (its order in extract_features) in the probe's batches."""
+  builder = input_pipeline.get_builder(config.dataset, config.data_dir, config.download)
+  images = next(input_pipeline.eval_batches(builder, data.spec, SPLIT, 96))['image']
+  row_of = {im.tobytes(): i for i, im in enumerate(images)}
+  assert len(row_of) == 96  # No duplicate images: the mapping is exact.
+  stream = input_pipeline.train_dataset(data, 32, HYPER['seed']).as_numpy_iterator()
+  return np.array([[row_of[im.tobytes()] for im in next(stream)['image']]
+                   for _ in range(steps)])
+
+
+@needs_cifar10
+def test_without_augmentation_equals_cached_probe_and_numpy_in_the_same_order(encoder):
+  config, model, variables, data, x, y = encoder
+  mean, std = evaluate.feature_standardizer(x)
+  on_the_fly = evaluate.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION,
+                                              mean, std, mesh=train.make_mesh(), **HYPER)
+
+  order = pipeline_order(config, data, steps=HYPER['epochs'] * 3)
+  assert sorted(order[:3].ravel()) == list(range(96))  # Each epoch is a permutation.
+  cached = evaluate.train_linear_probe(x, y, 10, batch_indices=order, **HYPER)
+  reference = numpy_probe(x.astype(np.float64), y, order, 10, HYPER['lr'],
+                          HYPER['weight_decay'], HYPER['momentum'])
+
+  logits = on_the_fly(x)
+  assert np.abs(logits).max() > 1.0  # The classifier moved away from zero.
+  np.testing.assert_allclose(logits, cached(x), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(logits, reference(x), rtol=1e-3, atol=1e-3)
+  np.testing.assert_array_equal(logits.argmax(1), reference(x).argmax(1))
+
+
+@needs_cifar10
+def test_augmented_views_do_not_depend_on_the_device_count(encoder):
+  config, model, variables, data, x, _ = encoder
+  mean, std = evaluate.feature_standardizer(x)
+  hyper = dict(HYPER, epochs=1)
+  logits = {n: evaluate.train_augmented_probe(
+      config, model, variables, data, CROP_FLIP, mean, std,
+      mesh=train.make_mesh(jax.devices()[:n]), **hyper)(x) for n in (8, 1)}
+  np.testing.assert_allclose(logits[8], logits[1], rtol=1e-4, atol=1e-5)
+  clean = evaluate.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION, mean,
+                                         std, mesh=train.make_mesh(), **hyper)(x)
+  assert np.abs(logits[8] - clean).max() > 1e-2  # The augmentation did change the features.
+
+
+@needs_cifar10
+def test_stage_end_to_end_on_a_pretraining_checkpoint(tmp_path, small_resnet, caplog):
+  """The linear stage with probe.augment, on 8 devices, from a 2-step checkpoint.
+
+  In-process with the small encoder: a ResNet-18 checkpoint for a subprocess
+  costs 35-50 s of compiling here; the command line adds nothing this stage
+  does not share with the cached probe.
+  """
+  pretrain = tiny_config()
+  pretrain.model.encoder = small_resnet
+  pretrain.train_split = 'train[:64]'  # A small shuffle buffer to fill.
+  pretrain.num_steps = 2
+  train.train_and_evaluate(pretrain, str(tmp_path / 'bt'))
+
+  config = cifar_linear.get_config()
+  config.pretrained_workdir = str(tmp_path / 'bt')
+  config.data_dir, config.download = DATA_DIR, False
+  config.train_split, config.label_fraction = 'train[:500]', 0.2
+  config.test_split, config.batch_size, config.knn.k = 'test[:40]', 64, (5,)
+  config.probe.augment, config.probe.epochs, config.probe.batch_size = True, 2, 32
+  config.probe.view.crop_scale = (0.2, 1.0)
+  caplog.set_level(logging.INFO)
+  results = linear_eval.run(config, str(tmp_path / 'probe'))
+
+  saved = json.loads((tmp_path / 'probe' / 'results.json').read_text())
+  assert saved['linear']['top1'] == results['linear']['top1']
+  assert saved['encoder'] == 'pretrained, step 2'
+  assert saved['num_train'] == 100  # 20% of 500, balanced: 10 per class.
+  linear = saved['linear']
+  assert linear['augmented'] is True and linear['num_examples'] == 40
+  assert linear['view']['crop_scale'] == [0.2, 1.0] and linear['view']['jitter'] == 0.0
+  assert 0.0 <= linear['top1'] <= linear['top5'] <= 1.0
+  assert saved['knn_k5']['num_examples'] == 40
+  # 100 examples in batches of 32: 3 steps per epoch, 2 epochs.
+  assert 'Augmented probe: 100 examples, 6 steps of 32 (2 epochs)' in caplog.text
+  assert 'probe epoch 2/2' in caplog.text
+  assert '| linear, trained on augmented views |' in (tmp_path / 'probe' / 'results.md').read_text()
+
+
+def test_invalid_probe_settings_name_the_key(tmp_path):
+  (tmp_path / 'config.json').write_text('{}')
+  config = cifar_linear.get_config()
+  config.pretrained_workdir = str(tmp_path)
+  config.probe.augment = True
+  config.probe.batch_size = 12  # Not a multiple of the 8 test devices.
+  with pytest.raises(config_validation.ConfigError, match=r'config\.probe\.batch_size=12'):
+    config_validation.validate_linear(config)
+  config.probe.batch_size = 16
+  config.probe.view.flip = 1.5
+  with pytest.raises(config_validation.ConfigError, match=r'config\.probe\.view\.flip=1\.5'):
+    config_validation.validate_linear(config)
+  config.probe.augment = False  # The view only matters with augmentation.
+  config_validation.validate_linear(config)
