@@ -90,6 +90,26 @@ def validate_optimizer(config) -> None:
            f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be positive.')
 
 
+def validate_knn_monitor(config) -> None:
+  """config.knn_monitor, if present (configs written before it existed have none).
+
+  Whether the splits exist is checked when training starts, from the
+  dataset's metadata (knn_monitor.make_hook).
+  """
+  m = config.get('knn_monitor')
+  if m is None:
+    return
+  _require(m.every_epochs >= 0,
+           f'config.knn_monitor.every_epochs={m.every_epochs} must be >= 0 (0: off).')
+  _require(isinstance(m.k, int) and m.k > 0, f'config.knn_monitor.k={m.k!r} must be a '
+           'positive integer.')
+  _require(m.temperature > 0,
+           f'config.knn_monitor.temperature={m.temperature} must be positive.')
+  for key in ('train_split', 'test_split'):
+    _require(isinstance(m[key], str) and bool(m[key].strip()),
+             f'config.knn_monitor.{key}={m[key]!r} must be a TFDS split, e.g. \'test[:1000]\'.')
+
+
 def validate_pretrain(config) -> None:
   """All checks for a Barlow Twins pretraining config; raises ConfigError."""
   _require(config.lambd >= 0, f'config.lambd={config.lambd} must be >= 0.')
@@ -97,6 +117,7 @@ def validate_pretrain(config) -> None:
   validate_data(config)
   validate_augment(config)
   validate_optimizer(config)
+  validate_knn_monitor(config)
 
 
 def validate_linear(config) -> None:

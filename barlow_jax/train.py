@@ -18,7 +18,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 from clu import metric_writers
@@ -268,6 +268,10 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                data.num_global, steps_per_epoch, total_steps, start_step,
                jax.device_count(), jax.process_count())
 
+  # Imported here: knn_monitor uses evaluate, which imports this module.
+  from barlow_jax import knn_monitor  # pylint: disable=g-import-not-at-top
+  knn_hook = knn_monitor.make_hook(config, steps_per_epoch, total_steps, mesh)  # None: off.
+  hooks = [knn_hook] if knn_hook else []
   train_step = make_train_step(config, model, tx, mesh, lr_schedule)
   local_batch = config.batch_size // jax.process_count()
   batches = input_pipeline.prefetch_to_mesh(
@@ -279,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
 
   try:
     state = run_steps(config, state, train_step, batches, manager, writer, progress,
-                      start_step, total_steps)
+                      start_step, total_steps, hooks)
   finally:
     # On any exception too: an in-flight save of a good state is completed,
     # never left half-written for the next run to trip over.
@@ -324,16 +328,34 @@ def write_cross_correlation_png(config, state: TrainState, path: str, num_images
                               + (f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''))
 
 
+# Called after a step with (updates done, state); returns scalars to log, or None.
+Hook = Callable[[int, Any], Optional[dict]]
+
+
+def _run_hooks(hooks: Sequence[Hook], step: int, state, writer, progress: Progress) -> None:
+  if not hooks:
+    return
+  t0 = time.time()
+  scalars = {}
+  for hook in hooks:
+    scalars.update(hook(step, state) or {})
+  if scalars:
+    writer.write_scalars(step, scalars)
+  progress.last_time += time.time() - t0  # Throughput counts training only.
+
+
 def run_steps(config, state, train_step, batches, manager, writer, progress: Progress,
-              start_step: int, total_steps: int):
+              start_step: int, total_steps: int, hooks: Sequence[Hook] = ()):
   """The training loop shared by every stage that trains.
 
   Runs ``state, metrics = train_step(state, batch)`` from start_step to
   total_steps; averages metrics on the device and logs them every
   config.log_every steps; saves ``state`` every config.checkpoint.every_steps
-  and at the end, after checking the metrics are finite. On SIGTERM
-  (preemption, see distributed.py) it saves after the current step, waits for
-  the save to complete and raises distributed.Preempted.
+  and at the end, after checking the metrics are finite; then calls every
+  hook. On SIGTERM (preemption, see distributed.py) it saves after the
+  current step, waits for the save to complete and raises
+  distributed.Preempted, without calling the hooks (a preempted machine has
+  no time to spare).
 
   Args:
     config: needs log_every and checkpoint.every_steps.
@@ -345,6 +367,11 @@ def run_steps(config, state, train_step, batches, manager, writer, progress: Pro
     progress: the console reporter.
     start_step: the step ``state`` is at.
     total_steps: the step to stop at.
+    hooks: ``hook(step, state) -> dict of scalars or None``, called on every
+      process after each step (with the number of updates done and the
+      state after them, as saved), outside the jitted step; the scalars
+      they return are written to ``writer`` at that step. Their time is left
+      out of the images/s.
 
   Returns:
     The final state.
@@ -389,5 +416,6 @@ def run_steps(config, state, train_step, batches, manager, writer, progress: Pro
       raise distributed.Preempted(
           f'Preempted (SIGTERM): saved checkpoint step {done} of {total_steps} in '
           f'{manager.directory}; run the same command again to resume.')
+    _run_hooks(hooks, done, state, writer, progress)
   distributed.training_loop_ended()
   return state

@@ -38,4 +38,6 @@ def get_config():
   config.augment.view2.solarize = 0.2
   config.log_every = 20
   config.checkpoint.every_steps = 200
+  # kNN top-1 (bank train[:10000], all 10k test images) after every epoch.
+  config.knn_monitor.every_epochs = 1.0
   return config

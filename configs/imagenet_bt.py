@@ -42,4 +42,8 @@ def get_config():
   config.augment.view2.solarize = 0.2
   config.log_every = 100
   config.checkpoint.every_steps = 5000
+  # ImageNet's test split has no labels: the monitor scores validation
+  # images, against a bank of 50 training images per class on average.
+  config.knn_monitor.train_split = 'train[:50000]'
+  config.knn_monitor.test_split = 'validation[:10000]'
   return config

@@ -39,6 +39,7 @@ def tiny_config():
   config.log_every = 2
   config.checkpoint.every_steps = 2
   config.optimizer.warmup_epochs = 0.0
+  config.knn_monitor.every_epochs = 0.0  # Off: tests/test_knn_monitor.py turns it on.
   return config
 
 
