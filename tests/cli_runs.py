@@ -5,16 +5,13 @@ runs in its own session with a timeout, and its whole process group is killed
 afterwards, so a failing test leaves no process behind.
 """
 
-import atexit
 import contextlib
 import glob
 import os
-import shutil
 import signal
 import subprocess
 import re
 import sys
-import tempfile
 import threading
 import time
 from typing import Optional
@@ -29,13 +26,6 @@ from barlow_jax import train
 from conftest import REPO
 
 BASE_CONFIG = 'configs/cifar_bt_cpu.py'
-
-# One persistent compilation cache for every subprocess of the session: runs of
-# the same config on the same devices compile once (a restart costs seconds,
-# not the 10-30 s of compiling the train step again).
-_CACHE_DIR = tempfile.mkdtemp(prefix='barlow_jax_test_cache_')
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
   out = {}
@@ -65,9 +55,10 @@ def env(devices: int = 1, **extra: str) -> dict:
   (conftest.py); subprocesses get their own count instead.
   """
   out = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
-             TF_CPP_MIN_LOG_LEVEL='2', PYTHON=sys.executable,
-             JAX_COMPILATION_CACHE_DIR=_CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+             TF_CPP_MIN_LOG_LEVEL='2', PYTHON=sys.executable)
+  # os.environ carries conftest's persistent compilation cache: runs of the same
+  # config on the same devices compile once (a restart costs seconds, not the
+  # 10-30 s of compiling the train step again).
   out.update(extra)
   return out
 

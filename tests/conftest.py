@@ -4,13 +4,27 @@ XLA_FLAGS must be set before JAX initialises its backend, hence at import time
 here. Single-device references use a 1-device mesh of the same process.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# One persistent compilation cache for the session, in this process and every
+# subprocess it starts (they inherit the environment): most tests compile the
+# same tiny train step, and a cache hit costs a fraction of a second instead of
+# a compile. Compiled programs are keyed by their HLO, devices and flags, so a
+# hit is the same program; no test measures compile time.
+_CACHE_DIR = tempfile.mkdtemp(prefix='barlow_jax_test_cache_')
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 import pytest  # noqa: E402
 
@@ -41,6 +55,32 @@ def tiny_config():
   config.optimizer.warmup_epochs = 0.0
   config.knn_monitor.every_epochs = 0.0  # Off: tests/test_knn_monitor.py turns it on.
   return config
+
+
+def pretraining_workdir(path, config, step: int = 2):
+  """A pretraining workdir as train.train_and_evaluate leaves it, without training.
+
+  Holds ``config.json`` and the initial state of ``config`` saved as
+  checkpoint ``step`` (1 device): enough for every stage that restores a
+  pretrained encoder, for a fraction of the cost of compiling a train step.
+
+  Returns:
+    ``path`` as a pathlib.Path.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  from barlow_jax import models, optim, train
+  path = pathlib.Path(path)
+  mesh = train.make_mesh(jax.devices()[:1])
+  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
+  manager = train.checkpoint_manager(str(path), config)
+  state = train.create_train_state(config, model, tx, mesh).replace(step=jax.numpy.int32(step))
+  manager.save(step, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  manager.close()
+  (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  return path
 
 
 def tiny_supervised_config(arg: str = ''):

@@ -13,33 +13,16 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from barlow_jax import models
-from barlow_jax import optim
-from barlow_jax import train
 import cli_runs
-from conftest import REPO, needs_cifar10, tiny_config
+from conftest import REPO, needs_cifar10, pretraining_workdir, tiny_config
 
 
 def _snapshot(workdir: pathlib.Path) -> dict:
   """{relative path: sha256} of every file; the lock file is the one file a run may add."""
   return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
           for p in sorted(workdir.rglob('*')) if p.is_file() and p.name != '.lock'}
-
-
-def _workdir_with_checkpoint(path: pathlib.Path, config) -> pathlib.Path:
-  """A pretraining workdir holding the initial state of ``config`` as checkpoint 2."""
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = models.create_model(config, axis_name=train.DATA_AXIS)
-  tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
-  manager = train.checkpoint_manager(path, config)
-  manager.save(2, args=ocp.args.StandardSave(train.create_train_state(config, model, tx, mesh)))
-  manager.wait_until_finished()
-  manager.close()
-  (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  return path
 
 
 def _corrupt_arrays(workdir: pathlib.Path) -> None:
@@ -104,8 +87,8 @@ def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path,
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a directory')
 
-  good = _workdir_with_checkpoint(tmp_path / 'good', config)
-  corrupt = _workdir_with_checkpoint(tmp_path / 'corrupt', config)
+  good = pretraining_workdir(tmp_path / 'good', config)
+  corrupt = pretraining_workdir(tmp_path / 'corrupt', config)
   _corrupt_arrays(corrupt)
   busy = tmp_path / 'busy'
   busy.mkdir()

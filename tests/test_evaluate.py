@@ -8,7 +8,7 @@ from sklearn import metrics as skm
 from barlow_jax import evaluate
 from barlow_jax import models
 from barlow_jax import train
-from conftest import needs_cifar10, tiny_config
+from conftest import needs_cifar10, pretraining_workdir, tiny_config
 
 
 def brute_force_knn(train_x, train_y, test_x, num_classes, k, t):
@@ -77,8 +77,7 @@ def test_padded_features_count_every_example_once_on_8_devices():
 @needs_cifar10
 def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
   config = tiny_config()
-  config.num_steps = 1
-  train.train_and_evaluate(config, str(tmp_path))
+  pretraining_workdir(tmp_path, config, step=1)
   model, variables, step = evaluate.restore_encoder(config, str(tmp_path))
   assert step == 1 and 'backbone' in variables['params']
   other = tiny_config()

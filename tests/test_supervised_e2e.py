@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 from barlow_jax import supervised
-from barlow_jax import train
-from conftest import (DATA_DIR, REPO, assert_png_not_blank, needs_cifar10, tiny_config,
-                      tiny_supervised_config)
+from conftest import (DATA_DIR, REPO, assert_png_not_blank, needs_cifar10, pretraining_workdir,
+                      tiny_config, tiny_supervised_config)
 
 
 @needs_cifar10
@@ -33,9 +32,7 @@ def test_supervised_run_writes_results_and_plots(tmp_path, small_resnet):
 
 @needs_cifar10
 def test_finetune_from_a_pretraining_checkpoint_runs_from_the_cli(tmp_path):
-  pretrain = tiny_config()
-  pretrain.num_steps = 2
-  train.train_and_evaluate(pretrain, str(tmp_path / 'bt'))
+  pretraining_workdir(tmp_path / 'bt', tiny_config(), step=2)
 
   workdir = tmp_path / 'ft'
   env = dict(os.environ, XLA_FLAGS='')  # One CPU device, as a user's laptop.
