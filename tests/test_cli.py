@@ -21,8 +21,12 @@ def _run(workdir, *overrides):
 @needs_cifar10
 def test_quick_start_config_runs_and_checkpoints(tmp_path):
   result = _run(tmp_path, '--config.num_steps=3', '--config.log_every=1',
-                '--config.batch_size=64')  # Smaller batch: the CLI path, in less time.
+                '--config.batch_size=64',  # Smaller batch: the CLI path, in less time.
+                # The config's kNN monitor runs at the last step; on small splits here.
+                '--config.knn_monitor.train_split=train[:64]',
+                '--config.knn_monitor.test_split=test[:64]')
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 3: kNN (k=20) top-1" in result.stderr
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3']
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['num_steps'] == 3 and saved['model']['encoder'] == 'resnet18'
