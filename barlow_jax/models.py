@@ -6,7 +6,7 @@ statistics span every device of the data axis (the official code's SyncBN).
 """
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax

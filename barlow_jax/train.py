@@ -15,7 +15,6 @@ tests/test_train_step.py checks 8 devices against 1.
 """
 
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -313,16 +312,16 @@ def write_cross_correlation_png(config, state: TrainState, path: str, num_images
   views = [augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)]
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
 
-  @functools.partial(jax.jit, static_argnums=3)
-  def embed(variables, images, key, which: int):
-    x = augment.augment_batch(jax.random.split(key, images.shape[0]), images, views[which],
-                              aug.crop_size)
-    x = augment.normalize(x, spec.mean, spec.std).astype(jnp.dtype(config.model.dtype))
-    return model.apply(variables, x, train=False)['embeddings']
+  @jax.jit  # Both views and C in one program: one compile.
+  def correlate(variables, images):
+    def embed(key, view):
+      x = augment.augment_batch(jax.random.split(key, images.shape[0]), images, view,
+                                aug.crop_size)
+      x = augment.normalize(x, spec.mean, spec.std).astype(jnp.dtype(config.model.dtype))
+      return model.apply(variables, x, train=False)['embeddings']
+    return losses.cross_correlation(embed(keys[0], views[0]), embed(keys[1], views[1]))
 
-  z1 = embed(variables, images, keys[0], 0)
-  z2 = embed(variables, images, keys[1], 1)
-  c = np.asarray(losses.cross_correlation(z1, z2))
+  c = np.asarray(correlate(variables, images))
   plots.cross_correlation_png(c[:max_dim, :max_dim], path,
                               f'C of {len(images)} test images, step {int(local(state.step))}'
                               + (f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''))
