@@ -97,11 +97,14 @@ def num_eval_batches(builder, split: str, local_batch: int) -> int:
   return max(1, math.ceil(largest / local_batch))
 
 
-def make_feature_fn(config, model):
-  """Jitted ``(variables, uint8 images) -> float32 features`` in inference mode.
+def make_feature_fn(config, model, view: Optional[augment.ViewAugment] = None):
+  """Jitted ``(variables, uint8 images, key) -> float32 features`` in inference mode.
 
-  Images are scaled, centre-cropped to ``config.augment.crop_size`` if larger
-  (ImageNet: 256 on the host) and standardised. Build it once and pass it to
+  Without ``view`` images are scaled, centre-cropped to
+  ``config.augment.crop_size`` if larger (ImageNet: 256 on the host) and
+  standardised, and ``key`` is unused. With ``view`` they are augmented on the
+  device first, example i with ``split(key, n)[i]`` for the global batch of n,
+  so a view does not depend on the device count. Build it once and pass it to
   extract_features when features are extracted repeatedly (the pretraining
   kNN monitor): each call of this function compiles anew.
   """
@@ -110,19 +113,22 @@ def make_feature_fn(config, model):
   dtype = jnp.dtype(config.model.dtype)
 
   @jax.jit
-  def features(variables, images):
-    x = images.astype(jnp.float32) / 255.0
-    if x.shape[1] != crop:  # e.g. ImageNet: 256 on the host, 224 centre crop here.
-      off = (x.shape[1] - crop) // 2
-      x = x[:, off:off + crop, off:off + crop]
-    x = ((x - jnp.asarray(spec.mean)) / jnp.asarray(spec.std)).astype(dtype)
+  def features(variables, images, key):
+    if view is None:
+      x = images.astype(jnp.float32) / 255.0
+      if x.shape[1] != crop:  # e.g. ImageNet: 256 on the host, 224 centre crop here.
+        off = (x.shape[1] - crop) // 2
+        x = x[:, off:off + crop, off:off + crop]
+    else:
+      x = augment.augment_batch(jax.random.split(key, images.shape[0]), images, view, crop)
+    x = augment.normalize(x, spec.mean, spec.std).astype(dtype)
     return model.apply(variables, x, train=False)['features'].astype(jnp.float32)
 
   return features
 
 
 def extract_features(config, model, variables, split: str, batch_size: int, mesh=None,
-                     feature_fn=None):
+                     feature_fn=None, seed: int = 0):
   """Frozen-encoder features of every example of ``split``, once each.
 
   Args:
@@ -132,7 +138,10 @@ def extract_features(config, model, variables, split: str, batch_size: int, mesh
     split: TFDS split expression.
     batch_size: global batch of the extraction.
     mesh: the data mesh; default all devices.
-    feature_fn: from make_feature_fn(config, model); None builds one.
+    feature_fn: from make_feature_fn(config, model[, view]); None builds one
+      without augmentation.
+    seed: with an augmenting feature_fn, batch i is augmented with
+      ``fold_in(PRNGKey(seed), i)``.
 
   Returns:
     (features [n, F] float32, labels [n] int64) as numpy, on every process.
@@ -143,12 +152,13 @@ def extract_features(config, model, variables, split: str, batch_size: int, mesh
   local_batch = batch_size // jax.process_count()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
   features = feature_fn or make_feature_fn(config, model)
+  base_key = jax.random.PRNGKey(seed)
 
   feats, labels = [], []
   batches = input_pipeline.eval_batches(builder, spec, split, local_batch,
                                         num_batches=num_eval_batches(builder, split, local_batch))
-  for batch in input_pipeline.prefetch_to_mesh(batches, sharding):
-    out = features(variables, batch['image'])
+  for i, batch in enumerate(input_pipeline.prefetch_to_mesh(batches, sharding)):
+    out = features(variables, batch['image'], jax.random.fold_in(base_key, i))
     gathered = multihost_utils.process_allgather(
         {'f': out, 'y': batch['label'], 'm': batch['mask']}, tiled=True)
     feats.append(gathered['f'][gathered['m']])

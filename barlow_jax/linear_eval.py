@@ -112,6 +112,15 @@ def run(config, workdir: str) -> dict:
   results['linear']['augmented'] = bool(config.probe.augment)
   if config.probe.augment:
     results['linear']['view'] = augment.view_from_config(config.probe.view)._asdict()
+  # The same probe on test images through probe.view (crop + flip): how much
+  # of the accuracy survives the augmentations the representation should
+  # be invariant to (seed 001 reports this as "aug test" accuracy).
+  view = augment.view_from_config(config.probe.view)
+  aug_x, aug_y = evaluate.extract_features(
+      pre, model, variables, config.get('test_split') or spec.test_split, config.batch_size,
+      mesh, evaluate.make_feature_fn(pre, model, view), seed=config.seed)
+  results['linear_aug_test'] = evaluate.classification_metrics(predict(aug_x), aug_y,
+                                                               spec.num_classes)
 
   builder = input_pipeline.get_builder(pre.dataset, pre.data_dir, pre.download)
   results['class_names'] = list(builder.info.features['label'].names)
@@ -128,7 +137,8 @@ def _write(results: dict, workdir: str, pre) -> None:
                              os.path.join(workdir, 'confusion_matrix.png'),
                              f"{probe}, {results['encoder']}")
   names = {'linear': 'linear, trained on augmented views' if results['linear']['augmented']
-           else 'linear'}
+           else 'linear',
+           'linear_aug_test': 'linear, on augmented test images (probe.view)'}
   rows = [(names.get(k, k), v) for k, v in results.items() if isinstance(v, dict) and 'top1' in v]
   lines = [f"# Evaluation of {results['pretrained_workdir']} ({results['encoder']})", '',
            f"{pre.model.encoder} width {pre.model.width}, projector {pre.model.projector}, "

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from barlow_jax import augment
 from barlow_jax import evaluate
 from barlow_jax import models
 from barlow_jax import train
@@ -86,3 +87,25 @@ def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
                      match=r"arrays differ(.|\n)*params\['backbone'\]\['BasicBlock_0'\]"
                            r"\['BatchNorm_0'\]\['bias'\]: checkpoint \(4,\) vs config \(8,\)"):
     evaluate.restore_encoder(other, str(tmp_path))
+
+
+@needs_cifar10
+def test_augmented_features_identity_view_and_device_count(small_resnet):
+  config = tiny_config()
+  config.model.encoder = small_resnet
+  model = models.create_model(config)
+  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  split, eight, one = 'test[:40]', train.make_mesh(), train.make_mesh(jax.devices()[:1])
+  clean, y = evaluate.extract_features(config, model, variables, split, 16, eight)
+  off = augment.ViewAugment(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0)
+  same, _ = evaluate.extract_features(config, model, variables, split, 16, eight,
+                                      evaluate.make_feature_fn(config, model, off))
+  np.testing.assert_allclose(same, clean, rtol=1e-5, atol=1e-6)
+
+  crop_flip = augment.ViewAugment(crop=1.0, flip=0.5, jitter=0.0, grayscale=0.0, blur=0.0)
+  fn = evaluate.make_feature_fn(config, model, crop_flip)
+  aug8, y8 = evaluate.extract_features(config, model, variables, split, 16, eight, fn, seed=3)
+  aug1, _ = evaluate.extract_features(config, model, variables, split, 16, one, fn, seed=3)
+  np.testing.assert_array_equal(y8, y)
+  np.testing.assert_allclose(aug8, aug1, rtol=1e-5, atol=1e-6)
+  assert np.abs(aug8 - clean).max() > 1e-2  # The views are really augmented.

@@ -24,7 +24,7 @@ from barlow_jax import linear_eval
 from barlow_jax import models
 from barlow_jax import train
 from configs import cifar_linear
-from conftest import DATA_DIR, needs_cifar10, tiny_config
+from conftest import DATA_DIR, needs_cifar10, pretraining_workdir, tiny_config
 
 SPLIT = 'train[:96]'  # 3 batches of 32 per epoch.
 HYPER = dict(epochs=3, batch_size=32, lr=0.3, weight_decay=1e-3, momentum=0.9, seed=5)
@@ -123,9 +123,7 @@ def test_stage_end_to_end_on_a_pretraining_checkpoint(tmp_path, small_resnet, ca
   """
   pretrain = tiny_config()
   pretrain.model.encoder = small_resnet
-  pretrain.train_split = 'train[:64]'  # A small shuffle buffer to fill.
-  pretrain.num_steps = 2
-  train.train_and_evaluate(pretrain, str(tmp_path / 'bt'))
+  pretraining_workdir(tmp_path / 'bt', pretrain, step=2)
 
   config = cifar_linear.get_config()
   config.pretrained_workdir = str(tmp_path / 'bt')
@@ -146,10 +144,15 @@ def test_stage_end_to_end_on_a_pretraining_checkpoint(tmp_path, small_resnet, ca
   assert linear['view']['crop_scale'] == [0.2, 1.0] and linear['view']['jitter'] == 0.0
   assert 0.0 <= linear['top1'] <= linear['top5'] <= 1.0
   assert saved['knn_k5']['num_examples'] == 40
+  # The same probe on crop + flip views of the same 40 test images.
+  assert saved['linear_aug_test']['num_examples'] == 40
+  assert 0.0 <= saved['linear_aug_test']['top1'] <= 1.0
   # 100 examples in batches of 32: 3 steps per epoch, 2 epochs.
   assert 'Augmented probe: 100 examples, 6 steps of 32 (2 epochs)' in caplog.text
   assert 'probe epoch 2/2' in caplog.text
-  assert '| linear, trained on augmented views |' in (tmp_path / 'probe' / 'results.md').read_text()
+  table = (tmp_path / 'probe' / 'results.md').read_text()
+  assert '| linear, trained on augmented views |' in table
+  assert '| linear, on augmented test images (probe.view) |' in table
 
 
 def test_invalid_probe_settings_name_the_key(tmp_path):
