@@ -1,17 +1,22 @@
-r"""Seed 000's comparison in one command: Barlow Twins vs classical baselines on a fraction.
+r"""Seed 000's comparison in one command: Barlow Twins vs baselines on a balanced fraction.
 
   python -m barlow_jax.reproduce --fraction=0.1 --scale=cpu --workdir=runs/seed000_10 \
       --data_dir=../shared/tfds
 
 For the given class-balanced fraction of CIFAR-10 this runs, or reuses when its
 results already exist in the sub-workdir:
-  pretrain/   Barlow Twins pretraining on the fraction (configs/cifar_bt.py at
-              --scale=full: ResNet-50, 1000 epochs; configs/cifar_bt_cpu.py at
-              --scale=cpu: the laptop quick start, epochs from --cpu_epochs);
-  probe/      linear probe + kNN on the frozen encoder, trained on the fraction's labels;
-  baselines/  KNN, logistic regression, random forest on raw pixels of the fraction;
-and writes results.md / results.json with the seed's published numbers beside ours,
-each row labelled with its model and training length.
+  pretrain/          Barlow Twins pretraining on the fraction (configs/cifar_bt.py
+                     at --scale=full: ResNet-50, 1000 epochs; configs/cifar_bt_cpu.py
+                     at --scale=cpu: the laptop quick start, --cpu_epochs epochs);
+  probe/             linear probe + kNN on the frozen encoder, trained on the
+                     fraction's labels;
+  baselines/         KNN, logistic regression, random forest on raw pixels of the fraction;
+  supervised/        the same architecture trained from scratch with cross-entropy on
+  supervised_noaug/  the fraction, with crop + flip and without augmentation
+                     (configs/cifar_supervised.py: ResNet-50, 100 epochs at --scale=full;
+                     the quick-start encoder for --cpu_supervised_epochs at --scale=cpu);
+and writes results.md / results.json with the seed's published numbers beside
+ours, each row labelled with its model and training length.
 """
 
 import json
@@ -24,12 +29,15 @@ import tensorflow as tf
 
 from barlow_jax import baselines
 from barlow_jax import linear_eval
+from barlow_jax import supervised
 from barlow_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float('fraction', 0.1, 'Balanced fraction of CIFAR-10 train (seed 000: 0.1, 0.2).')
 flags.DEFINE_enum('scale', 'cpu', ['cpu', 'full'], 'cpu: quick-start encoder; full: seed 000 setting.')
 flags.DEFINE_float('cpu_epochs', 30.0, 'Pretraining epochs over the fraction at --scale=cpu.')
+flags.DEFINE_float('cpu_supervised_epochs', 30.0,
+                   'Epochs of the supervised-from-scratch baselines at --scale=cpu.')
 flags.DEFINE_string('workdir', None, 'Root directory of the comparison.')
 flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: TFDS_DATA_DIR or ~/tensorflow_datasets).')
 
@@ -42,10 +50,13 @@ SEED_000 = {
           'random_forest': (41.04, 40.45), 'supervised_resnet50': (16.39, 10.59),
           'barlow_twins': (69.14, 69.02)},
 }
+SUPERVISED_RUNS = (('supervised', '', 'crop + flip'), ('supervised_noaug', 'noaug', 'no augmentation'))
 
 
-def _configs(fraction: float, scale: str, cpu_epochs: float, data_dir):
-  from configs import cifar_baselines, cifar_bt, cifar_bt_cpu, cifar_linear  # pylint: disable=g-import-not-at-top
+def _configs(fraction: float, scale: str, cpu_epochs: float, cpu_supervised_epochs: float,
+             data_dir):
+  """(pretrain, probe, baselines, {name: supervised config}) of the comparison."""
+  from configs import cifar_baselines, cifar_bt, cifar_bt_cpu, cifar_linear, cifar_supervised  # pylint: disable=g-import-not-at-top
   pre = (cifar_bt if scale == 'full' else cifar_bt_cpu).get_config()
   pre.fraction = fraction
   if scale == 'cpu':
@@ -54,9 +65,18 @@ def _configs(fraction: float, scale: str, cpu_epochs: float, data_dir):
   probe.label_fraction = fraction  # The classifier sees the same labelled fraction.
   base = cifar_baselines.get_config()
   base.label_fraction = fraction
-  for c in (pre, probe, base):
+  supervised_configs = {}
+  for name, arg, _ in SUPERVISED_RUNS:
+    sup = cifar_supervised.get_config(arg)
+    sup.fraction = fraction
+    if scale == 'cpu':  # The pretraining encoder: the rows compare like with like.
+      for key in ('encoder', 'width', 'stem'):
+        sup.model[key] = pre.model[key]
+      sup.num_epochs = cpu_supervised_epochs
+    supervised_configs[name] = sup
+  for c in (pre, probe, base, *supervised_configs.values()):
     c.data_dir = data_dir
-  return pre, probe, base
+  return pre, probe, base, supervised_configs
 
 
 def _cached(workdir: str, fn, config):
@@ -68,25 +88,46 @@ def _cached(workdir: str, fn, config):
   return fn(config, workdir)
 
 
-def table(fraction: float, pre, probe_results: dict, base_results: dict) -> str:
+def _model_and_length(config) -> str:
+  m = config.model
+  length = (f'{config.num_steps} steps' if config.get('num_steps')
+            else f'{config.num_epochs:g} ep')
+  projector = f", proj {m.projector}" if m.get('projector') else ''
+  return f'{m.encoder} w{m.width}{projector}, {length}'
+
+
+def table(fraction: float, pre, probe_results: dict, base_results: dict,
+          supervised_results: dict) -> str:
+  """The comparison as Markdown.
+
+  Args:
+    fraction: the balanced fraction of CIFAR-10 train.
+    pre: the pretraining config (model and length of the Barlow Twins rows).
+    probe_results: results.json of the linear stage.
+    base_results: results.json of the raw-pixel baselines.
+    supervised_results: {name of SUPERVISED_RUNS: (config, results.json)}.
+  """
   seed = SEED_000.get(round(fraction, 2), {})
-  ours_model = (f'{pre.model.encoder} w{pre.model.width}, proj {pre.model.projector}, '
-                f'{pre.num_epochs:g} ep')
   rows = [('KNN (k=5), pixels', 'knn_k5', base_results.get('knn_k5'), 'sklearn'),
           ('Logistic regression, pixels', 'logistic_regression',
            base_results.get('logistic_regression'), 'sklearn'),
-          ('Random forest, pixels', 'random_forest', base_results.get('random_forest'), 'sklearn'),
-          ('Supervised ResNet-50 (seed)', 'supervised_resnet50', None, 'not run here'),
-          ('Barlow Twins + linear probe', 'barlow_twins', probe_results['linear'], ours_model),
-          ('Barlow Twins + kNN (k=20)', None, probe_results.get('knn_k20'), ours_model)]
+          ('Random forest, pixels', 'random_forest', base_results.get('random_forest'), 'sklearn')]
+  for name, _, label in SUPERVISED_RUNS:
+    config, results = supervised_results[name]
+    rows.append((f'Supervised from scratch, {label}', 'supervised_resnet50', results['test'],
+                 _model_and_length(config)))
+  rows += [('Barlow Twins + linear probe', 'barlow_twins', probe_results['linear'],
+            _model_and_length(pre)),
+           ('Barlow Twins + kNN (k=20)', None, probe_results.get('knn_k20'), _model_and_length(pre))]
   lines = [f'# Seed 000 comparison, CIFAR-10, balanced {100 * fraction:g}% of train', '',
            'Test accuracy (%) on the full 10k test set. micro = accuracy, macro = macro-F1. '
-           'Seed columns are the published Table 1 (ResNet-50, 1000 epochs for Barlow Twins).', '',
+           'Seed columns are the published Table 1 (ResNet-50; Barlow Twins 1000 epochs); the '
+           'seed has one supervised ResNet-50 row, shown beside both of ours.', '',
            '| method | ours micro | ours macro | seed micro | seed macro | ours: model / length |',
            '|---|---|---|---|---|---|']
+  fmt = lambda v: '—' if v is None else f'{v:.2f}'
   for name, key, ours, model in rows:
     s = seed.get(key, (None, None))
-    fmt = lambda v: '—' if v is None else f'{v:.2f}'
     lines.append(f"| {name} | {fmt(ours and 100 * ours['micro'])} | "
                  f"{fmt(ours and 100 * ours['macro'])} | {fmt(s[0])} | {fmt(s[1])} | {model} |")
   return '\n'.join(lines) + '\n'
@@ -95,19 +136,24 @@ def table(fraction: float, pre, probe_results: dict, base_results: dict) -> str:
 def main(argv):
   del argv
   tf.config.experimental.set_visible_devices([], 'GPU')
-  pre, probe, base = _configs(FLAGS.fraction, FLAGS.scale, FLAGS.cpu_epochs, FLAGS.data_dir)
+  pre, probe, base, supervised_configs = _configs(
+      FLAGS.fraction, FLAGS.scale, FLAGS.cpu_epochs, FLAGS.cpu_supervised_epochs, FLAGS.data_dir)
   pre_dir = os.path.join(FLAGS.workdir, 'pretrain')
   train.train_and_evaluate(pre, pre_dir)  # Resumes, or returns at once when finished.
   probe.pretrained_workdir = pre_dir
   probe_results = _cached(os.path.join(FLAGS.workdir, 'probe'), linear_eval.run, probe)
   base_results = _cached(os.path.join(FLAGS.workdir, 'baselines'), baselines.run, base)
-  text = table(FLAGS.fraction, pre, probe_results, base_results)
+  supervised_results = {
+      name: (config, _cached(os.path.join(FLAGS.workdir, name), supervised.run, config))
+      for name, config in supervised_configs.items()}
+  text = table(FLAGS.fraction, pre, probe_results, base_results, supervised_results)
   with open(os.path.join(FLAGS.workdir, 'results.md'), 'w') as f:
     f.write(text)
   with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as f:
     json.dump({'fraction': FLAGS.fraction, 'scale': FLAGS.scale, 'probe': probe_results,
-               'baselines': base_results, 'seed_000': SEED_000.get(round(FLAGS.fraction, 2))},
-              f, indent=2)
+               'baselines': base_results,
+               **{name: results for name, (_, results) in supervised_results.items()},
+               'seed_000': SEED_000.get(round(FLAGS.fraction, 2))}, f, indent=2)
   print(text)
 
 

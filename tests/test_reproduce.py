@@ -1,0 +1,49 @@
+"""Seed 000's one-command comparison: what each row runs, and the table it writes."""
+
+from barlow_jax import config_validation
+from barlow_jax import reproduce
+from conftest import DATA_DIR
+
+
+def test_every_run_uses_the_same_fraction_and_the_cpu_rows_the_same_encoder():
+  pre, probe, base, sup = reproduce._configs(0.2, 'cpu', 7.0, 3.0, DATA_DIR)  # pylint: disable=protected-access
+  assert pre.fraction == probe.label_fraction == base.label_fraction == 0.2
+  assert pre.num_epochs == 7.0 and pre.model.encoder == 'resnet18'
+  assert sorted(sup) == ['supervised', 'supervised_noaug']
+  for config in sup.values():
+    assert config.fraction == 0.2 and config.num_epochs == 3.0 and config.gamma == 0.0
+    assert (config.model.encoder, config.model.width) == (pre.model.encoder, pre.model.width)
+    config_validation.validate_supervised(config)
+  assert sup['supervised'].augment.view1.crop == 1.0
+  assert sup['supervised_noaug'].augment.view1.crop == 0.0
+  assert sup['supervised_noaug'].augment.view1.flip == 0.0
+  config_validation.validate_pretrain(pre)
+  # At full scale, seed 000's architecture and lengths.
+  pre, _, _, sup = reproduce._configs(0.1, 'full', 7.0, 3.0, None)  # pylint: disable=protected-access
+  assert (pre.model.encoder, pre.num_epochs) == ('resnet50', 1000.0)
+  assert (sup['supervised'].model.encoder, sup['supervised'].num_epochs) == ('resnet50', 100.0)
+
+
+def _metrics(micro: float, macro: float) -> dict:
+  return {'micro': micro, 'macro': macro}
+
+
+def test_table_puts_our_numbers_beside_the_seeds():
+  pre, _, _, sup = reproduce._configs(0.1, 'cpu', 30.0, 15.0, None)  # pylint: disable=protected-access
+  text = reproduce.table(
+      0.1, pre,
+      probe_results={'linear': _metrics(0.5, 0.49), 'knn_k20': _metrics(0.45, 0.44)},
+      base_results={'knn_k5': _metrics(0.3, 0.29), 'logistic_regression': _metrics(0.4, 0.39),
+                    'random_forest': _metrics(0.41, 0.4)},
+      supervised_results={'supervised': (sup['supervised'], {'test': _metrics(0.35, 0.34)}),
+                          'supervised_noaug': (sup['supervised_noaug'],
+                                               {'test': _metrics(0.25, 0.24)})})
+  lines = text.splitlines()
+  assert lines[0] == '# Seed 000 comparison, CIFAR-10, balanced 10% of train'
+  assert '| KNN (k=5), pixels | 30.00 | 29.00 | 28.00 | 24.10 | sklearn |' in lines
+  assert '| Logistic regression, pixels | 40.00 | 39.00 | 33.25 | 32.67 | sklearn |' in lines
+  assert ('| Supervised from scratch, no augmentation | 25.00 | 24.00 | 13.68 | 7.03 | '
+          'resnet18 w8, 15 ep |') in lines
+  assert ('| Barlow Twins + linear probe | 50.00 | 49.00 | 66.44 | 66.31 | '
+          f'resnet18 w8, proj {pre.model.projector}, 30 ep |') in lines
+  assert '| Barlow Twins + kNN (k=20) | 45.00 | 44.00 | — | — |' in text
