@@ -22,6 +22,7 @@ def _run(workdir, *overrides):
 def test_quick_start_config_runs_and_checkpoints(tmp_path):
   result = _run(tmp_path, '--config.num_steps=3', '--config.log_every=1',
                 '--config.batch_size=64',  # Smaller batch: the CLI path, in less time.
+                '--config.train_split=train[:1024]',  # A small shuffle buffer to fill.
                 # The config's kNN monitor runs at the last step; on small splits here.
                 '--config.knn_monitor.train_split=train[:64]',
                 '--config.knn_monitor.test_split=test[:64]')
