@@ -33,13 +33,22 @@ from barlow_jax import supervised
 from barlow_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_float('fraction', 0.1, 'Balanced fraction of CIFAR-10 train (seed 000: 0.1, 0.2).')
-flags.DEFINE_enum('scale', 'cpu', ['cpu', 'full'], 'cpu: quick-start encoder; full: seed 000 setting.')
-flags.DEFINE_float('cpu_epochs', 30.0, 'Pretraining epochs over the fraction at --scale=cpu.')
-flags.DEFINE_float('cpu_supervised_epochs', 30.0,
-                   'Epochs of the supervised-from-scratch baselines at --scale=cpu.')
-flags.DEFINE_string('workdir', None, 'Root directory of the comparison.')
-flags.DEFINE_string('data_dir', None, 'TFDS data dir (default: TFDS_DATA_DIR or ~/tensorflow_datasets).')
+
+
+def define_flags() -> None:
+  """The command line's flags; defined only when run as a script, so that the
+  module imports beside others that define --workdir (barlow_jax.sweep)."""
+  flags.DEFINE_float('fraction', 0.1, 'Balanced fraction of CIFAR-10 train (seed 000: 0.1, 0.2).')
+  flags.DEFINE_enum('scale', 'cpu', ['cpu', 'full'],
+                    'cpu: quick-start encoder; full: seed 000 setting.')
+  flags.DEFINE_float('cpu_epochs', 30.0, 'Pretraining epochs over the fraction at --scale=cpu.')
+  flags.DEFINE_float('cpu_supervised_epochs', 30.0,
+                     'Epochs of the supervised-from-scratch baselines at --scale=cpu.')
+  flags.DEFINE_string('workdir', None, 'Root directory of the comparison.')
+  flags.DEFINE_string('data_dir', None,
+                      'TFDS data dir (default: TFDS_DATA_DIR or ~/tensorflow_datasets).')
+  flags.mark_flags_as_required(['workdir'])
+
 
 # Seed 000, Table 1 (test accuracy %, micro / macro) at 10% and 20%.
 SEED_000 = {
@@ -158,5 +167,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir'])
+  define_flags()
   app.run(main)
