@@ -70,6 +70,9 @@ def _configs(fraction: float, scale: str, cpu_epochs: float, cpu_supervised_epoc
   pre.fraction = fraction
   if scale == 'cpu':
     pre.num_epochs = cpu_epochs
+    # Epochs of a fraction are short: every epoch would spend more time on
+    # the monitor's 20k images than on training.
+    pre.knn_monitor.every_epochs = 10.0
   probe = cifar_linear.get_config()
   probe.label_fraction = fraction  # The classifier sees the same labelled fraction.
   base = cifar_baselines.get_config()
