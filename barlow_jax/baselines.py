@@ -21,6 +21,7 @@ from sklearn import neighbors
 from sklearn import pipeline
 from sklearn import preprocessing
 
+from barlow_jax import config_validation
 from barlow_jax import evaluate
 from barlow_jax import input_pipeline
 
@@ -41,14 +42,22 @@ def classifiers(config) -> dict:
   scaled = lambda clf: pipeline.make_pipeline(preprocessing.StandardScaler(), clf)
   return {
       'knn_k5': scaled(neighbors.KNeighborsClassifier(n_neighbors=5, n_jobs=-1)),
-      'logistic_regression': scaled(linear_model.LogisticRegression(
-          max_iter=config.logistic_max_iter, C=config.logistic_c)),
+      # The inverse regularisation strength C is chosen by stratified k-fold
+      # cross-validation on the training fraction (never the test set): with
+      # 5000 images of 3072 pixels, C=1 overfits (27% held-out accuracy at 10%
+      # of CIFAR-10, 38% at C=1e-3).
+      'logistic_regression': scaled(linear_model.LogisticRegressionCV(
+          Cs=list(config.logistic_cs), l1_ratios=(0.0,), cv=config.logistic_cv_folds,
+          scoring='accuracy', max_iter=config.logistic_max_iter, n_jobs=-1,
+          use_legacy_attributes=False)),
       'random_forest': ensemble.RandomForestClassifier(
           n_estimators=config.forest_trees, n_jobs=-1, random_state=config.seed),
   }
 
 
 def run(config, workdir: str) -> dict:
+  """Fits and scores config.methods; writes and returns the results dict."""
+  config_validation.validate_baselines(config)
   os.makedirs(workdir, exist_ok=True)
   spec = input_pipeline.dataset_spec(config.dataset)
   train_x, train_y = load_pixels(config, config.train_split)
@@ -66,6 +75,8 @@ def run(config, workdir: str) -> dict:
     scores = clf.predict_proba(test_x)
     results[name] = evaluate.classification_metrics(scores, test_y, spec.num_classes)
     results[name]['seconds'] = time.time() - t0
+    if name == 'logistic_regression':
+      results[name]['chosen_c'] = float(clf[-1].C_)
     logging.info('%s: top-1 %.4f (%.0f s)', name, results[name]['top1'], time.time() - t0)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)

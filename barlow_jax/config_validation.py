@@ -142,6 +142,25 @@ def validate_linear(config) -> None:
   _require(all(k > 0 for k in config.knn.k), f'config.knn.k={config.knn.k} must be positive.')
 
 
+BASELINE_METHODS = ('knn_k5', 'logistic_regression', 'random_forest')
+
+
+def validate_baselines(config) -> None:
+  """Checks for the raw-pixel baselines stage; raises ConfigError."""
+  _one_of(config, 'dataset', input_pipeline.DATASETS)
+  unknown = sorted(set(config.methods) - set(BASELINE_METHODS))
+  _require(bool(config.methods) and not unknown,
+           f'config.methods={tuple(config.methods)} must be a non-empty subset of '
+           f'{BASELINE_METHODS}' + (f'; unknown: {unknown}.' if unknown else '.'))
+  _require(0.0 < config.label_fraction <= 1.0,
+           f'config.label_fraction={config.label_fraction} must be in (0, 1].')
+  _require(len(config.logistic_cs) > 0 and all(c > 0 for c in config.logistic_cs),
+           f'config.logistic_cs={tuple(config.logistic_cs)} must be positive values.')
+  _require(config.logistic_cv_folds >= 2,
+           f'config.logistic_cv_folds={config.logistic_cv_folds} must be at least 2.')
+  _require(config.forest_trees > 0, f'config.forest_trees={config.forest_trees} must be positive.')
+
+
 def validate_supervised(config) -> None:
   """Checks for the supervised (CE + CE + gamma * BT) stage; raises ConfigError."""
   _require(config.num_branches in (1, 2),

@@ -1,0 +1,64 @@
+"""Seed 000's raw-pixel baselines on the real CIFAR-10, against an independent NumPy KNN."""
+
+import json
+
+import numpy as np
+import pytest
+
+from barlow_jax import baselines
+from barlow_jax import config_validation
+from barlow_jax import input_pipeline
+from configs import cifar_baselines
+from conftest import DATA_DIR, needs_cifar10
+
+
+def _config():
+  config = cifar_baselines.get_config()
+  config.data_dir, config.download = DATA_DIR, False
+  config.train_split = 'train[:1000]'
+  config.label_fraction = 0.5  # 50 images per class.
+  config.forest_trees = 10
+  return config
+
+
+def _knn5_numpy(train_x, train_y, test_x):
+  """Brute force: standardise with the train statistics, 5 nearest in L2, majority vote."""
+  mean, std = train_x.mean(0), train_x.std(0)
+  std[std == 0] = 1.0
+  a, b = (train_x - mean) / std, (test_x - mean) / std
+  distances = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None]
+  nearest = np.argsort(distances, axis=1, kind='stable')[:, :5]
+  votes = np.stack([np.bincount(row, minlength=10) for row in train_y[nearest]])
+  return votes.argmax(1)  # Ties: the smallest class, as argmax of sklearn's probabilities.
+
+
+@needs_cifar10
+def test_baselines_on_a_balanced_fraction(tmp_path):
+  config = _config()
+  results = baselines.run(config, str(tmp_path))
+
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert saved == json.loads(json.dumps(results))
+  assert saved['num_train'] == 500
+  for name in ('knn_k5', 'logistic_regression', 'random_forest'):
+    assert saved[name]['num_examples'] == 10000  # The whole test split, every image once.
+    assert 0.1 < saved[name]['top1'] < 0.6, (name, saved[name]['top1'])
+  assert saved['logistic_regression']['chosen_c'] in config.logistic_cs
+  assert '| logistic_regression |' in (tmp_path / 'results.md').read_text()
+
+  train_x, train_y = baselines.load_pixels(config, config.train_split)
+  keep = input_pipeline.balanced_subset(train_y, 0.5, 10, config.fraction_seed)
+  test_x, test_y = baselines.load_pixels(config, 'test')
+  predicted = _knn5_numpy(train_x[keep].astype(np.float64), train_y[keep], test_x.astype(np.float64))
+  assert saved['knn_k5']['top1'] == pytest.approx(float((predicted == test_y).mean()), abs=2e-4)
+
+
+def test_bad_baseline_settings_name_the_key():
+  config = _config()
+  config.methods = ('knn_k5', 'svm')
+  with pytest.raises(config_validation.ConfigError, match=r"config\.methods=.*unknown: \['svm'\]"):
+    config_validation.validate_baselines(config)
+  config = _config()
+  config.logistic_cs = (0.1, 0.0)
+  with pytest.raises(config_validation.ConfigError, match=r'config\.logistic_cs='):
+    config_validation.validate_baselines(config)
