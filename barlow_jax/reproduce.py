@@ -10,6 +10,8 @@ results already exist in the sub-workdir:
                      at --scale=cpu: the laptop quick start, --cpu_epochs epochs);
   probe/             linear probe + kNN on the frozen encoder, trained on the
                      fraction's labels;
+  finetune/          the whole pretrained network fine-tuned on the fraction's labels
+                     (configs/cifar_finetune.py, paper App. B.2);
   baselines/         KNN, logistic regression, random forest on raw pixels of the fraction;
   supervised/        the same architecture trained from scratch with cross-entropy on
   supervised_noaug/  the fraction, with crop + flip and without augmentation
@@ -28,6 +30,7 @@ from absl import logging
 import tensorflow as tf
 
 from barlow_jax import baselines
+from barlow_jax import finetune
 from barlow_jax import linear_eval
 from barlow_jax import supervised
 from barlow_jax import train
@@ -64,8 +67,11 @@ SUPERVISED_RUNS = (('supervised', '', 'crop + flip'), ('supervised_noaug', 'noau
 
 def _configs(fraction: float, scale: str, cpu_epochs: float, cpu_supervised_epochs: float,
              data_dir):
-  """(pretrain, probe, baselines, {name: supervised config}) of the comparison."""
-  from configs import cifar_baselines, cifar_bt, cifar_bt_cpu, cifar_linear, cifar_supervised  # pylint: disable=g-import-not-at-top
+  """(pretrain, probe, fine-tuning, baselines, {name: supervised config}) of the comparison.
+
+  The probe and fine-tuning configs get their pretrained_workdir in main().
+  """
+  from configs import cifar_baselines, cifar_bt, cifar_bt_cpu, cifar_finetune, cifar_linear, cifar_supervised  # pylint: disable=g-import-not-at-top
   pre = (cifar_bt if scale == 'full' else cifar_bt_cpu).get_config()
   pre.fraction = fraction
   if scale == 'cpu':
@@ -75,6 +81,8 @@ def _configs(fraction: float, scale: str, cpu_epochs: float, cpu_supervised_epoc
     pre.knn_monitor.every_epochs = 10.0
   probe = cifar_linear.get_config()
   probe.label_fraction = fraction  # The classifier sees the same labelled fraction.
+  tune = cifar_finetune.get_config()
+  tune.label_fraction = fraction
   base = cifar_baselines.get_config()
   base.label_fraction = fraction
   supervised_configs = {}
@@ -86,9 +94,9 @@ def _configs(fraction: float, scale: str, cpu_epochs: float, cpu_supervised_epoc
         sup.model[key] = pre.model[key]
       sup.num_epochs = cpu_supervised_epochs
     supervised_configs[name] = sup
-  for c in (pre, probe, base, *supervised_configs.values()):
+  for c in (pre, probe, tune, base, *supervised_configs.values()):
     c.data_dir = data_dir
-  return pre, probe, base, supervised_configs
+  return pre, probe, tune, base, supervised_configs
 
 
 def _cached(workdir: str, fn, config):
@@ -108,14 +116,15 @@ def _model_and_length(config) -> str:
   return f'{m.encoder} w{m.width}{projector}, {length}'
 
 
-def table(fraction: float, pre, probe_results: dict, base_results: dict,
-          supervised_results: dict) -> str:
+def table(fraction: float, pre, probe_results: dict, finetune_results: dict,
+          base_results: dict, supervised_results: dict) -> str:
   """The comparison as Markdown.
 
   Args:
     fraction: the balanced fraction of CIFAR-10 train.
     pre: the pretraining config (model and length of the Barlow Twins rows).
     probe_results: results.json of the linear stage.
+    finetune_results: results.json of the fine-tuning stage.
     base_results: results.json of the raw-pixel baselines.
     supervised_results: {name of SUPERVISED_RUNS: (config, results.json)}.
   """
@@ -130,7 +139,9 @@ def table(fraction: float, pre, probe_results: dict, base_results: dict,
                  _model_and_length(config)))
   rows += [('Barlow Twins + linear probe', 'barlow_twins', probe_results['linear'],
             _model_and_length(pre)),
-           ('Barlow Twins + kNN (k=20)', None, probe_results.get('knn_k20'), _model_and_length(pre))]
+           ('Barlow Twins + kNN (k=20)', None, probe_results.get('knn_k20'), _model_and_length(pre)),
+           ('Barlow Twins + fine-tuning', None, finetune_results['test'],
+            f'{_model_and_length(pre)}, then {finetune_results["epochs"]:.3g} ep')]
   lines = [f'# Seed 000 comparison, CIFAR-10, balanced {100 * fraction:g}% of train', '',
            'Test accuracy (%) on the full 10k test set. micro = accuracy, macro = macro-F1. '
            'Seed columns are the published Table 1 (ResNet-50; Barlow Twins 1000 epochs); the '
@@ -148,22 +159,25 @@ def table(fraction: float, pre, probe_results: dict, base_results: dict,
 def main(argv):
   del argv
   tf.config.experimental.set_visible_devices([], 'GPU')
-  pre, probe, base, supervised_configs = _configs(
+  pre, probe, tune, base, supervised_configs = _configs(
       FLAGS.fraction, FLAGS.scale, FLAGS.cpu_epochs, FLAGS.cpu_supervised_epochs, FLAGS.data_dir)
   pre_dir = os.path.join(FLAGS.workdir, 'pretrain')
   train.train_and_evaluate(pre, pre_dir)  # Resumes, or returns at once when finished.
   probe.pretrained_workdir = pre_dir
   probe_results = _cached(os.path.join(FLAGS.workdir, 'probe'), linear_eval.run, probe)
+  tune.pretrained_workdir = pre_dir
+  finetune_results = _cached(os.path.join(FLAGS.workdir, 'finetune'), finetune.run, tune)
   base_results = _cached(os.path.join(FLAGS.workdir, 'baselines'), baselines.run, base)
   supervised_results = {
       name: (config, _cached(os.path.join(FLAGS.workdir, name), supervised.run, config))
       for name, config in supervised_configs.items()}
-  text = table(FLAGS.fraction, pre, probe_results, base_results, supervised_results)
+  text = table(FLAGS.fraction, pre, probe_results, finetune_results, base_results,
+               supervised_results)
   with open(os.path.join(FLAGS.workdir, 'results.md'), 'w') as f:
     f.write(text)
   with open(os.path.join(FLAGS.workdir, 'results.json'), 'w') as f:
     json.dump({'fraction': FLAGS.fraction, 'scale': FLAGS.scale, 'probe': probe_results,
-               'baselines': base_results,
+               'finetune': finetune_results, 'baselines': base_results,
                **{name: results for name, (_, results) in supervised_results.items()},
                'seed_000': SEED_000.get(round(FLAGS.fraction, 2))}, f, indent=2)
   print(text)

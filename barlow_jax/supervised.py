@@ -416,6 +416,11 @@ def write_results(results: dict, workdir: str) -> None:
            f"images), {results['num_branches']} branch(es), ablation {results['ablation']}, "
            f"{results['num_steps']} steps ({results['epochs']:.2f} epochs).", '',
            '| split | top-1 | top-5 | micro | macro-F1 | examples |', '|---|---|---|---|---|---|']
+  if results['train']['num_examples'] != results['num_train']:
+    # A fraction (or an added unlabelled split): the train row is not the trained-on set.
+    lines[4:4] = [f"The train row is every labelled image of eval.train_split "
+                  f"({results['train']['num_examples']}), not only the {results['num_train']} "
+                  "trained on.", '']
   names = {'train': 'train', 'test': 'test', 'aug_test': 'augmented test'}
   for k in SPLITS:
     r = results[k]

@@ -6,8 +6,8 @@ from conftest import DATA_DIR
 
 
 def test_every_run_uses_the_same_fraction_and_the_cpu_rows_the_same_encoder():
-  pre, probe, base, sup = reproduce._configs(0.2, 'cpu', 7.0, 3.0, DATA_DIR)  # pylint: disable=protected-access
-  assert pre.fraction == probe.label_fraction == base.label_fraction == 0.2
+  pre, probe, tune, base, sup = reproduce._configs(0.2, 'cpu', 7.0, 3.0, DATA_DIR)  # pylint: disable=protected-access
+  assert pre.fraction == probe.label_fraction == tune.label_fraction == base.label_fraction == 0.2
   assert pre.num_epochs == 7.0 and pre.model.encoder == 'resnet18'
   assert sorted(sup) == ['supervised', 'supervised_noaug']
   for config in sup.values():
@@ -19,7 +19,7 @@ def test_every_run_uses_the_same_fraction_and_the_cpu_rows_the_same_encoder():
   assert sup['supervised_noaug'].augment.view1.flip == 0.0
   config_validation.validate_pretrain(pre)
   # At full scale, seed 000's architecture and lengths.
-  pre, _, _, sup = reproduce._configs(0.1, 'full', 7.0, 3.0, None)  # pylint: disable=protected-access
+  pre, _, _, _, sup = reproduce._configs(0.1, 'full', 7.0, 3.0, None)  # pylint: disable=protected-access
   assert (pre.model.encoder, pre.num_epochs) == ('resnet50', 1000.0)
   assert (sup['supervised'].model.encoder, sup['supervised'].num_epochs) == ('resnet50', 100.0)
 
@@ -29,10 +29,11 @@ def _metrics(micro: float, macro: float) -> dict:
 
 
 def test_table_puts_our_numbers_beside_the_seeds():
-  pre, _, _, sup = reproduce._configs(0.1, 'cpu', 30.0, 15.0, None)  # pylint: disable=protected-access
+  pre, _, _, _, sup = reproduce._configs(0.1, 'cpu', 30.0, 15.0, None)  # pylint: disable=protected-access
   text = reproduce.table(
       0.1, pre,
       probe_results={'linear': _metrics(0.5, 0.49), 'knn_k20': _metrics(0.45, 0.44)},
+      finetune_results={'test': _metrics(0.6, 0.59), 'epochs': 20.0},
       base_results={'knn_k5': _metrics(0.3, 0.29), 'logistic_regression': _metrics(0.4, 0.39),
                     'random_forest': _metrics(0.41, 0.4)},
       supervised_results={'supervised': (sup['supervised'], {'test': _metrics(0.35, 0.34)}),
@@ -47,3 +48,5 @@ def test_table_puts_our_numbers_beside_the_seeds():
   assert ('| Barlow Twins + linear probe | 50.00 | 49.00 | 66.44 | 66.31 | '
           f'resnet18 w8, proj {pre.model.projector}, 30 ep |') in lines
   assert '| Barlow Twins + kNN (k=20) | 45.00 | 44.00 | — | — |' in text
+  assert ('| Barlow Twins + fine-tuning | 60.00 | 59.00 | — | — | '
+          f'resnet18 w8, proj {pre.model.projector}, 30 ep, then 20 ep |') in lines
