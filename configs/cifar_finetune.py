@@ -5,9 +5,10 @@ config.json), adds a linear classifier and trains the whole network on a
 class-balanced label fraction: 20 epochs, batch 256, SGD momentum 0.9,
 cosine to 0, no weight decay, lr 0.002 for the backbone and 0.5 for the
 classifier (the official command for 1% of ImageNet), random resized crop +
-flip. Expected: above the linear probe on the same fraction and above the
-same network trained from scratch (configs/cifar_supervised.py); numbers in
-README, "Supervised learning with a Barlow Twins term".
+flip. Measured at CPU scale (README, "Seed 000's comparison at CPU scale"):
+on 10% of CIFAR-10 with the quick-start encoder pretrained 30 epochs on that
+10%, 45.3% test, below the linear probe (46.4%) and below the same network
+trained from scratch (55.3%): 380 steps underfit that encoder.
 
   python -m barlow_jax.main --config=configs/cifar_finetune.py \
       --config.pretrained_workdir=runs/bt --config.label_fraction=0.1 --workdir=runs/ft10
