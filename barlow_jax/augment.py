@@ -141,3 +141,32 @@ def augment_batch(keys: jax.Array, images: jax.Array, aug: ViewAugment, out_size
 def normalize(x: jax.Array, mean, std) -> jax.Array:
   """Per-channel standardisation with the dataset's mean/std (in [0, 1] units)."""
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def model_inputs(images: jax.Array, key: jax.Array, view, out_size: int, mean, std,
+                 dtype=jnp.float32) -> jax.Array:
+  """A uint8 batch as the network's standardised input, for evaluation.
+
+  Args:
+    images: [N, H, W, C] uint8, the global batch.
+    key: with ``view``, example i is augmented with ``split(key, N)[i]`` (so a
+      view does not depend on the device count); unused without.
+    view: a ViewAugment, or None for no augmentation: the images are only
+      scaled to [0, 1] and centre-cropped to ``out_size`` if larger (ImageNet:
+      256 on the host, 224 here).
+    out_size: side of the network's input.
+    mean: per-channel mean, in [0, 1] units.
+    std: per-channel std, likewise.
+    dtype: the network's compute dtype.
+
+  Returns:
+    [N, out_size, out_size, C] of ``dtype``.
+  """
+  if view is None:
+    x = images.astype(jnp.float32) / 255.0
+    off = (x.shape[1] - out_size) // 2
+    x = x[:, off:off + out_size, off:off + out_size]
+  else:
+    x = augment_batch(jax.random.split(key, images.shape[0]), images, view, out_size)
+  return normalize(x, mean, std).astype(dtype)
+

@@ -114,14 +114,7 @@ def make_feature_fn(config, model, view: Optional[augment.ViewAugment] = None):
 
   @jax.jit
   def features(variables, images, key):
-    if view is None:
-      x = images.astype(jnp.float32) / 255.0
-      if x.shape[1] != crop:  # e.g. ImageNet: 256 on the host, 224 centre crop here.
-        off = (x.shape[1] - crop) // 2
-        x = x[:, off:off + crop, off:off + crop]
-    else:
-      x = augment.augment_batch(jax.random.split(key, images.shape[0]), images, view, crop)
-    x = augment.normalize(x, spec.mean, spec.std).astype(dtype)
+    x = augment.model_inputs(images, key, view, crop, spec.mean, spec.std, dtype)
     return model.apply(variables, x, train=False)['features'].astype(jnp.float32)
 
   return features
@@ -344,9 +337,8 @@ def make_augmented_probe_step(config, model, view: augment.ViewAugment,
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(head, variables, batch):
     params, opt_state, i = head
-    keys = jax.random.split(jax.random.fold_in(base_key, i), batch['image'].shape[0])
-    x = augment.augment_batch(keys, batch['image'], view, crop)
-    x = augment.normalize(x, spec.mean, spec.std).astype(dtype)
+    x = augment.model_inputs(batch['image'], jax.random.fold_in(base_key, i), view, crop,
+                             spec.mean, spec.std, dtype)
     # Gradients are taken with respect to the head's params only: the encoder is frozen.
     features = model.apply(variables, x, train=False)['features'].astype(jnp.float32)
     params, opt_state, metrics = probe_update(tx, params, opt_state, (features - mean) / std,

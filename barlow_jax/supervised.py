@@ -230,14 +230,7 @@ def make_predict_fn(config, model: models.SupervisedModel,
 
   @jax.jit
   def predict(variables, images, key):
-    if view is None:
-      x = images.astype(jnp.float32) / 255.0
-      if x.shape[1] != crop:
-        off = (x.shape[1] - crop) // 2
-        x = x[:, off:off + crop, off:off + crop]
-    else:
-      x = augment.augment_batch(jax.random.split(key, images.shape[0]), images, view, crop)
-    x = augment.normalize(x, spec.mean, spec.std).astype(dtype)
+    x = augment.model_inputs(images, key, view, crop, spec.mean, spec.std, dtype)
     return jax.tree.map(lambda v: v.astype(jnp.float32), model.apply(variables, x, train=False))
 
   return predict

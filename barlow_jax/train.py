@@ -315,9 +315,8 @@ def write_cross_correlation_png(config, state: TrainState, path: str, num_images
   @jax.jit  # Both views and C in one program: one compile.
   def correlate(variables, images):
     def embed(key, view):
-      x = augment.augment_batch(jax.random.split(key, images.shape[0]), images, view,
-                                aug.crop_size)
-      x = augment.normalize(x, spec.mean, spec.std).astype(jnp.dtype(config.model.dtype))
+      x = augment.model_inputs(images, key, view, aug.crop_size, spec.mean, spec.std,
+                               jnp.dtype(config.model.dtype))
       return model.apply(variables, x, train=False)['embeddings']
     return losses.cross_correlation(embed(keys[0], views[0]), embed(keys[1], views[1]))
 

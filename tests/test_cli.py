@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import DATA_DIR, REPO, assert_png_not_blank
+from conftest import DATA_DIR, REPO, assert_png_not_blank, needs_cifar10
 
 
 def _run(workdir, *overrides):
@@ -21,8 +21,6 @@ def _run(workdir, *overrides):
 @pytest.fixture(scope='module')
 def quick_start_run(tmp_path_factory):
   """The quick-start command, 3 steps: (workdir, CompletedProcess)."""
-  if not os.path.isdir(os.path.join(DATA_DIR, 'cifar10')):
-    pytest.skip(f'offline CIFAR-10 TFDS dir not found at {DATA_DIR}')
   workdir = tmp_path_factory.mktemp('bt_cpu')
   result = _run(workdir, '--config.num_steps=3', '--config.log_every=1',
                 '--config.batch_size=64',  # Smaller batch: the CLI path, in less time.
@@ -33,6 +31,7 @@ def quick_start_run(tmp_path_factory):
   return workdir, result
 
 
+@needs_cifar10
 def test_quick_start_config_runs_and_checkpoints(quick_start_run):
   workdir, result = quick_start_run
   assert result.returncode == 0, result.stderr[-3000:]
@@ -45,6 +44,7 @@ def test_quick_start_config_runs_and_checkpoints(quick_start_run):
   assert_png_not_blank(workdir / 'cross_correlation.png')
 
 
+@needs_cifar10
 def test_linear_probe_runs_from_the_cli_on_the_quick_start_checkpoint(quick_start_run, tmp_path):
   pretrained, _ = quick_start_run
   env = dict(os.environ, XLA_FLAGS='')
