@@ -138,7 +138,7 @@ def validate_linear(config) -> None:
     _require(b > 0 and b % n == 0 and b % p == 0,
              f'config.probe.batch_size={b} must be a positive multiple of the device count ({n}) '
              f'and of the process count ({p}) when config.probe.augment is set.')
-    validate_view(config.probe.view, 'probe.view')
+  validate_view(config.probe.view, 'probe.view')  # Also the augmented-test accuracy's view.
   _require(all(k > 0 for k in config.knn.k), f'config.knn.k={config.knn.k} must be positive.')
 
 

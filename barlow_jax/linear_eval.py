@@ -92,8 +92,8 @@ def run(config, workdir: str) -> dict:
   spec = input_pipeline.dataset_spec(pre.dataset)
   train_x, train_y = evaluate.extract_features(pre, model, variables, config.train_split,
                                                config.batch_size, mesh)
-  test_x, test_y = evaluate.extract_features(pre, model, variables,
-                                             config.get('test_split') or spec.test_split,
+  test_split = config.get('test_split') or spec.test_split
+  test_x, test_y = evaluate.extract_features(pre, model, variables, test_split,
                                              config.batch_size, mesh)
   keep = _label_subset(train_y, config, spec.num_classes)
   train_x, train_y = train_x[keep], train_y[keep]
@@ -109,16 +109,16 @@ def run(config, workdir: str) -> dict:
   predict = _linear_probe(config, pre, model, variables, train_x, train_y, mesh)
   results['linear'] = evaluate.classification_metrics(predict(test_x), test_y, spec.num_classes)
   # How the probe was trained: on cached clean features, or on augmented views.
+  view = augment.view_from_config(config.probe.view)
   results['linear']['augmented'] = bool(config.probe.augment)
   if config.probe.augment:
-    results['linear']['view'] = augment.view_from_config(config.probe.view)._asdict()
+    results['linear']['view'] = view._asdict()
   # The same probe on test images through probe.view (crop + flip): how much
   # of the accuracy survives the augmentations the representation should
   # be invariant to (seed 001 reports this as "aug test" accuracy).
-  view = augment.view_from_config(config.probe.view)
-  aug_x, aug_y = evaluate.extract_features(
-      pre, model, variables, config.get('test_split') or spec.test_split, config.batch_size,
-      mesh, evaluate.make_feature_fn(pre, model, view), seed=config.seed)
+  aug_x, aug_y = evaluate.extract_features(pre, model, variables, test_split, config.batch_size,
+                                           mesh, evaluate.make_feature_fn(pre, model, view),
+                                           seed=config.seed)
   results['linear_aug_test'] = evaluate.classification_metrics(predict(aug_x), aug_y,
                                                                spec.num_classes)
 

@@ -167,5 +167,8 @@ def test_invalid_probe_settings_name_the_key(tmp_path):
   config.probe.view.flip = 1.5
   with pytest.raises(config_validation.ConfigError, match=r'config\.probe\.view\.flip=1\.5'):
     config_validation.validate_linear(config)
-  config.probe.augment = False  # The view only matters with augmentation.
+  config.probe.augment = False  # The view still makes the augmented test images.
+  with pytest.raises(config_validation.ConfigError, match=r'config\.probe\.view\.flip=1\.5'):
+    config_validation.validate_linear(config)
+  config.probe.view.flip = 0.5
   config_validation.validate_linear(config)
