@@ -137,7 +137,8 @@ def extract_features(config, model, variables, split: str, batch_size: int, mesh
       ``fold_in(PRNGKey(seed), i)``.
 
   Returns:
-    (features [n, F] float32, labels [n] int64) as numpy, on every process.
+    (features [n, F] float32, labels [n] int64) as numpy, in the order of ``split``
+    whatever the process count, on every process.
   """
   mesh = mesh or train.make_mesh()
   spec = input_pipeline.dataset_spec(config.dataset)
@@ -147,16 +148,20 @@ def extract_features(config, model, variables, split: str, batch_size: int, mesh
   features = feature_fn or make_feature_fn(config, model)
   base_key = jax.random.PRNGKey(seed)
 
-  feats, labels = [], []
+  feats, labels, index = [], [], []
   batches = input_pipeline.eval_batches(builder, spec, split, local_batch,
                                         num_batches=num_eval_batches(builder, split, local_batch))
   for i, batch in enumerate(input_pipeline.prefetch_to_mesh(batches, sharding)):
     out = features(variables, batch['image'], jax.random.fold_in(base_key, i))
     gathered = multihost_utils.process_allgather(
-        {'f': out, 'y': batch['label'], 'm': batch['mask']}, tiled=True)
+        {'f': out, 'y': batch['label'], 'i': batch['index'], 'm': batch['mask']}, tiled=True)
     feats.append(gathered['f'][gathered['m']])
     labels.append(gathered['y'][gathered['m']])
-  return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+    index.append(gathered['i'][gathered['m']])
+  # The split's order, whatever the process count: label fractions chosen from
+  # these labels are the ones input_pipeline.load_train_data chooses.
+  order = np.argsort(np.concatenate(index), kind='stable')
+  return np.concatenate(feats)[order], np.concatenate(labels)[order].astype(np.int64)
 
 
 def classification_metrics(scores: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

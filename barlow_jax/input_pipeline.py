@@ -198,16 +198,23 @@ def eval_batches(builder, spec: DatasetSpec, split: str, local_batch: int,
   boolean 'mask' marking real examples, so metrics can sum over the mask and
   divide once (nothing is dropped, whatever the batch size). With
   ``num_batches``, fully masked batches are appended up to that count, so that
-  every process runs the same number of (collective) steps.
+  every process runs the same number of (collective) steps. 'index' is each
+  example's position in ``split`` over all processes (each process reads a
+  contiguous part): gathered batches interleave the processes, and sorting by
+  it restores the split's order whatever the process count.
   """
   data = TrainData(builder, tfds.split_for_jax_process(split), None, 0, 0, spec)
+  shares = tfds.even_splits(split, jax.process_count())
+  offset = sum(builder.info.splits[s].num_examples for s in shares[:jax.process_index()])
   ds = _records(data).map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE)
-  count = 0
+  count, seen = 0, offset
   for batch in ds.batch(local_batch).prefetch(2).as_numpy_iterator():
+    batch['index'] = np.arange(seen, seen + len(batch['label']), dtype=np.int32)
+    seen += len(batch['label'])
     yield _pad_batch(batch, local_batch)
     count += 1
   empty = {'image': np.zeros((0, spec.image_size, spec.image_size, 3), np.uint8),
-           'label': np.zeros((0,), np.int32)}
+           'label': np.zeros((0,), np.int32), 'index': np.zeros((0,), np.int32)}
   for _ in range(count, num_batches or 0):
     yield _pad_batch(empty, local_batch)
 

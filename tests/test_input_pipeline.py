@@ -2,6 +2,7 @@
 
 import collections
 
+import jax
 import numpy as np
 import pytest
 
@@ -65,3 +66,24 @@ def test_eval_batches_pad_and_mask_every_example_once():
   assert len(batches) == 11 and all(len(b['label']) == 100 for b in batches)
   assert sum(int(b['mask'].sum()) for b in batches) == 1003
   assert not batches[-1]['mask'][3:].any()
+
+
+@needs_cifar10
+def test_eval_batches_index_examples_by_their_position_in_the_split(monkeypatch):
+  builder = input_pipeline.get_builder('cifar10', DATA_DIR, download=False)
+  spec = input_pipeline.dataset_spec('cifar10')
+
+  def read(process_index, process_count):
+    monkeypatch.setattr(jax, 'process_index', lambda: process_index)
+    monkeypatch.setattr(jax, 'process_count', lambda: process_count)
+    batches = list(input_pipeline.eval_batches(builder, spec, 'test[:1003]', local_batch=100))
+    mask = np.concatenate([b['mask'] for b in batches])
+    return (np.concatenate([b['index'] for b in batches])[mask],
+            np.concatenate([b['label'] for b in batches])[mask])
+
+  index, labels = read(0, 1)
+  np.testing.assert_array_equal(index, np.arange(1003))
+  # Process 1 of 2 reads the second contiguous half (tfds.even_splits: 502 + 501).
+  second, second_labels = read(1, 2)
+  np.testing.assert_array_equal(second, np.arange(502, 1003))
+  np.testing.assert_array_equal(second_labels, labels[502:])
