@@ -97,27 +97,38 @@ def num_eval_batches(builder, split: str, local_batch: int) -> int:
   return max(1, math.ceil(largest / local_batch))
 
 
-def make_feature_fn(config, model, view: Optional[augment.ViewAugment] = None):
-  """Jitted ``(variables, uint8 images, key) -> float32 features`` in inference mode.
+def make_inference_fn(config, model, view: Optional[augment.ViewAugment] = None,
+                      outputs: Optional[tuple[str, ...]] = None):
+  """Jitted ``(variables, uint8 images, key) -> {output: float32}`` in inference mode.
 
-  Without ``view`` images are scaled, centre-cropped to
-  ``config.augment.crop_size`` if larger (ImageNet: 256 on the host) and
-  standardised, and ``key`` is unused. With ``view`` they are augmented on the
-  device first, example i with ``split(key, n)[i]`` for the global batch of n,
-  so a view does not depend on the device count. Build it once and pass it to
-  extract_features when features are extracted repeatedly (the pretraining
-  kNN monitor): each call of this function compiles anew.
+  Images become the network's input through augment.model_inputs: without
+  ``view`` scaled, centre-cropped to ``config.augment.crop_size`` if larger and
+  standardised (``key`` unused); with ``view`` augmented first, example i with
+  ``split(key, n)[i]`` for the global batch of n, so a view does not depend on
+  the device count. ``outputs`` picks the model outputs (None: all); the rest
+  are not computed. Build it once and reuse it: each call compiles anew.
   """
   spec = input_pipeline.dataset_spec(config.dataset)
   crop = config.augment.crop_size
   dtype = jnp.dtype(config.model.dtype)
 
   @jax.jit
-  def features(variables, images, key):
+  def apply(variables, images, key):
     x = augment.model_inputs(images, key, view, crop, spec.mean, spec.std, dtype)
-    return model.apply(variables, x, train=False)['features'].astype(jnp.float32)
+    out = model.apply(variables, x, train=False)
+    return {k: v.astype(jnp.float32) for k, v in out.items() if outputs is None or k in outputs}
 
-  return features
+  return apply
+
+
+def make_feature_fn(config, model, view: Optional[augment.ViewAugment] = None):
+  """Jitted ``(variables, uint8 images, key) -> float32 features``; see make_inference_fn.
+
+  Pass it to extract_features when features are extracted repeatedly (the
+  pretraining kNN monitor).
+  """
+  apply = make_inference_fn(config, model, view, outputs=('features',))
+  return lambda variables, images, key: apply(variables, images, key)['features']
 
 
 def extract_features(config, model, variables, split: str, batch_size: int, mesh=None,

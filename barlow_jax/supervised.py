@@ -215,34 +215,13 @@ def _train(config, workdir: str, model, mesh: Mesh, writer,
   return state, total_steps, data.num_global
 
 
-def make_predict_fn(config, model: models.SupervisedModel,
-                    view: Optional[augment.ViewAugment]) -> Callable:
-  """Jitted ``(variables, images, key) -> model outputs`` in inference mode.
-
-  With ``view`` the images are augmented first, example i with
-  ``split(key, n)[i]``; without, they are only scaled (and centre-cropped to
-  crop_size) and ``key`` is unused. Build it once per view and reuse it:
-  every call of this function compiles anew.
-  """
-  spec = input_pipeline.dataset_spec(config.dataset)
-  crop = config.augment.crop_size
-  dtype = jnp.dtype(config.model.dtype)
-
-  @jax.jit
-  def predict(variables, images, key):
-    x = augment.model_inputs(images, key, view, crop, spec.mean, spec.std, dtype)
-    return jax.tree.map(lambda v: v.astype(jnp.float32), model.apply(variables, x, train=False))
-
-  return predict
-
-
 def predict_split(config, predict: Callable, variables: dict, split: str, mesh: Mesh,
                   seed: int = 0, keys=('logits',), max_examples: Optional[int] = None) -> dict:
   """Model outputs for the labelled examples of ``split``, each exactly once.
 
   Args:
     config: the supervised config.
-    predict: from make_predict_fn.
+    predict: from evaluate.make_inference_fn.
     variables: {'params', 'batch_stats'}, replicated over ``mesh``.
     split: TFDS split expression.
     mesh: the data mesh.
@@ -282,9 +261,10 @@ def predict_split(config, predict: Callable, variables: dict, split: str, mesh: 
 
 def predict_fns(config, model: models.SupervisedModel) -> dict:
   """{None: no augmentation, 'view1': ..., 'view2': ...} prediction functions."""
-  fns = {None: make_predict_fn(config, model, None)}
+  fns = {None: evaluate.make_inference_fn(config, model, None)}
   for name in ('view1', 'view2'):
-    fns[name] = make_predict_fn(config, model, augment.view_from_config(config.augment[name]))
+    fns[name] = evaluate.make_inference_fn(config, model,
+                                           augment.view_from_config(config.augment[name]))
   return fns
 
 
