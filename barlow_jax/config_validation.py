@@ -7,13 +7,11 @@ import os
 
 import jax
 
-from barlow_jax import augment
-from barlow_jax import input_pipeline
-from barlow_jax import models
-
-
-class ConfigError(ValueError):
-  """An invalid config value; the message names the key."""
+from barlow_jax.data import augment
+from barlow_jax.data import datasets
+from barlow_jax.errors import ConfigError
+from barlow_jax.models import encoders
+from barlow_jax.models import heads
 
 
 def _require(ok: bool, message: str) -> None:
@@ -30,7 +28,7 @@ def _one_of(config, key: str, allowed) -> None:
 
 def validate_model(config) -> None:
   m = config.model
-  _one_of(config, 'model.encoder', models.ENCODERS)
+  _one_of(config, 'model.encoder', encoders.ENCODERS)
   _one_of(config, 'model.stem', ('cifar', 'imagenet'))
   _one_of(config, 'model.dtype', ('float32', 'bfloat16', 'float16'))
   _require(m.width > 0, f'config.model.width={m.width} must be positive.')
@@ -38,14 +36,14 @@ def validate_model(config) -> None:
   for key in ('projector', 'embedding'):
     if m.get(key):
       try:
-        models.parse_mlp_spec(m[key])
+        heads.parse_mlp_spec(m[key])
       except ValueError as e:
         raise ConfigError(f'config.model.{key}: {e}') from None
   _require('projector' not in m or bool(m.projector), 'config.model.projector must be set.')
 
 
 def validate_data(config) -> None:
-  _one_of(config, 'dataset', input_pipeline.DATASETS)
+  _one_of(config, 'dataset', datasets.DATASETS)
   _require(0.0 < config.fraction <= 1.0, f'config.fraction={config.fraction} must be in (0, 1].')
   b, n, p = config.batch_size, jax.device_count(), jax.process_count()
   _require(b > 0, f'config.batch_size={b} must be positive.')
@@ -94,7 +92,7 @@ def validate_knn_monitor(config) -> None:
   """config.knn_monitor, if present (configs written before it existed have none).
 
   Whether the splits exist is checked when training starts, from the
-  dataset's metadata (knn_monitor.make_hook).
+  dataset's metadata (evaluators/knn_monitor.make_hook).
   """
   m = config.get('knn_monitor')
   if m is None:
@@ -147,7 +145,7 @@ BASELINE_METHODS = ('knn_k5', 'logistic_regression', 'random_forest')
 
 def validate_baselines(config) -> None:
   """Checks for the raw-pixel baselines stage; raises ConfigError."""
-  _one_of(config, 'dataset', input_pipeline.DATASETS)
+  _one_of(config, 'dataset', datasets.DATASETS)
   unknown = sorted(set(config.methods) - set(BASELINE_METHODS))
   _require(bool(config.methods) and not unknown,
            f'config.methods={tuple(config.methods)} must be a non-empty subset of '

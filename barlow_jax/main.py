@@ -1,20 +1,26 @@
-r"""Command line: ``python -m barlow_jax.main --config=configs/cifar_bt.py --workdir=runs/bt``.
+r"""The command line of every stage: ``python -m barlow_jax.main --config=CONFIG --workdir=DIR``.
 
-Override any config value with ``--config.key=value`` (e.g.
-``--config.batch_size=256 --config.model.encoder=resnet18``); unknown keys are
-rejected. A bad config exits with status 2 before anything is compiled.
+``config.mode`` picks what runs: 'pretrain' (Barlow Twins), 'linear' (probe +
+kNN of a pretrained encoder), 'finetune', 'supervised' (cross-entropy with a
+Barlow Twins term), 'baselines' (raw pixels), 'sweep' (a γ × seed grid of
+supervised runs) or 'reproduce' (the fraction comparison of Ghosh, Ghosh & Das
+2022). ``--config`` takes a path or the name of a config of this
+installation (``--config=cifar_bt_cpu``); override any value with
+``--config.key=value`` (unknown keys are rejected).
 
-Exit status: 0 done; 2 bad input (unknown flag or config key, invalid value,
-dataset missing, corrupt or incompatible checkpoint, unusable or busy
-workdir), before anything is compiled and with the workdir untouched; 3 a
-non-finite loss (the last good checkpoint is kept); 75 stopped by SIGTERM
-after saving a checkpoint (run the same command again to resume).
+Exit status, the same for every mode (barlow_jax/errors.py): 0 done; 2 bad
+input (unknown flag or config key, invalid value, dataset missing, corrupt or
+incompatible checkpoint, unusable or busy workdir), before anything is
+compiled and with the workdir untouched; 3 a non-finite loss (the last good
+checkpoint is kept); 75 stopped by SIGTERM after saving a checkpoint (run the
+same command again to resume).
 
 Several processes (TPU pod, GPU cluster, or launch/local_multiprocess.sh):
 ``--distributed`` (JAX detects TPU VMs and SLURM) or ``--coordinator_address``
 with ``--num_processes`` and ``--process_id``; nothing changes in the config.
 """
 
+import os
 import sys
 
 from absl import app
@@ -24,28 +30,35 @@ import jax
 from ml_collections import config_flags
 import tensorflow as tf
 
-from barlow_jax import baselines
-from barlow_jax import config_validation
-from barlow_jax import distributed
-from barlow_jax import evaluate
-from barlow_jax import finetune
-from barlow_jax import input_pipeline
-from barlow_jax import linear_eval
-from barlow_jax import supervised
-from barlow_jax import train
+from barlow_jax import config_files
+from barlow_jax import errors
+from barlow_jax.experiments import reproduce
+from barlow_jax.experiments import sweep
+from barlow_jax.runtime import distributed
+from barlow_jax.stages import baselines
+from barlow_jax.stages import finetune
+from barlow_jax.stages import linear
+from barlow_jax.stages import pretrain
+from barlow_jax.stages import supervised
 
-# config.mode -> the stage's entry point, all with the signature (config, workdir).
-STAGES = {
-    'pretrain': train.train_and_evaluate,
-    'linear': linear_eval.run,
-    'baselines': baselines.run,
-    'supervised': supervised.run,
+# config.mode -> what runs, all with the signature (config, workdir).
+MODES = {
+    'pretrain': pretrain.run,
+    'linear': linear.run,
     'finetune': finetune.run,
+    'supervised': supervised.run,
+    'baselines': baselines.run,
+    'sweep': sweep.run,
+    'reproduce': reproduce.run,
 }
+# Config keys holding paths; made absolute when a run starts, so that a
+# workdir's config.json still finds them from any other directory.
+PATH_KEYS = ('data_dir', 'pretrained_workdir')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
-config_flags.DEFINE_config_file('config', None, 'Path to a config file.', lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'A config file, or the name of one in configs/.',
+                                lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
 flags.DEFINE_bool('distributed', False, 'Start JAX\'s multi-process runtime with its cluster '
                   'detection (Cloud TPU VMs, SLURM, Open MPI); the launch/ scripts set it.')
@@ -54,9 +67,7 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a 
 flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 
-# Errors that mean "fix the command or the workdir", reported with exit status 2.
-BAD_INPUT = (config_validation.ConfigError, input_pipeline.DatasetNotFoundError,
-             train.CheckpointError, evaluate.CheckpointMismatchError, distributed.WorkdirError)
+_HINT = '\nPass --helpshort or --helpfull to see help on flags.'
 
 
 def _fail(status: int, message: str, log: bool = True) -> None:
@@ -66,29 +77,74 @@ def _fail(status: int, message: str, log: bool = True) -> None:
   sys.exit(status)
 
 
+def _resolve_config_arg(argv: list[str]) -> list[str]:
+  """``--config=NAME`` or a path, in either flag form, replaced by an existing file's path."""
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config='):
+      arg = '--config=' + config_files.resolve(arg[len('--config='):])
+    elif arg == '--config' and i + 1 < len(argv):
+      out.append(arg)
+      i += 1
+      arg = config_files.resolve(argv[i])
+    out.append(arg)
+    i += 1
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, exiting with status 2 (a usage error) instead of 1 or a traceback."""
-  hint = '\nPass --helpshort or --helpfull to see help on flags.'
   try:
-    argv = FLAGS(argv)
+    argv = FLAGS(_resolve_config_arg(argv))
     FLAGS.config.keys()  # ml_collections defers config-file errors to the first access.
     return argv
+  except errors.ConfigError as e:
+    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {e}{_HINT}', log=False)
   except flags.Error as e:
-    _fail(2, f'FATAL Flags parsing error: {e}{hint}', log=False)
+    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {e}{_HINT}', log=False)
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for --config.<key> when the config has no such key.
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
-    _fail(2, f'FATAL Flags parsing error: unknown config key {e.args[0] if e.args else e}{hint}',
-          log=False)
+    _fail(errors.EXIT_BAD_INPUT, 'FATAL Flags parsing error: unknown config key '
+          f'{e.args[0] if e.args else e}{_HINT}', log=False)
   except Exception as e:  # pylint: disable=broad-except
     # Loading the config file or converting an override value: still the command line's fault.
-    _fail(2, f'FATAL Flags parsing error: {type(e).__name__}: {e}{hint}', log=False)
+    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {type(e).__name__}: {e}{_HINT}',
+          log=False)
+
+
+def absolute_paths(config) -> None:
+  """Relative paths of ``config`` (and of a sweep's ``run``) made absolute, in place."""
+  for c in (config, config.get('run')):
+    for key in PATH_KEYS:
+      if c is not None and isinstance(c.get(key), str) and c[key] and '://' not in c[key]:
+        c[key] = os.path.abspath(c[key])
+
+
+def run(config, workdir: str) -> None:
+  """Runs ``config.mode`` into ``workdir`` under the workdir lock, mapping errors to exit codes."""
+  mode = config.get('mode', 'pretrain')
+  try:
+    if mode not in MODES:
+      raise errors.ConfigError(f'config.mode={mode!r} is not one of {sorted(MODES)}.')
+    absolute_paths(config)
+    with distributed.workdir_lock(workdir):
+      MODES[mode](config, workdir)
+  except errors.ConfigError as e:
+    _fail(errors.EXIT_BAD_INPUT, f'Invalid config: {e}')
+  except errors.BadInput as e:
+    _fail(errors.EXIT_BAD_INPUT, f'{type(e).__name__}: {e}')
+  except FloatingPointError as e:
+    _fail(errors.EXIT_DIVERGED, f'Training diverged: {e}')
+  except errors.Preempted as e:
+    _fail(errors.EXIT_PREEMPTED, str(e))
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}', exitcode=2)
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}', exitcode=errors.EXIT_BAD_INPUT)
   # Before anything touches a device: the runtime decides which devices exist.
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)
@@ -98,20 +154,8 @@ def main(argv):
   tf.config.experimental.set_visible_devices([], 'GPU')
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
-  mode = FLAGS.config.get('mode', 'pretrain')
-  try:
-    if mode not in STAGES:
-      raise config_validation.ConfigError(f'config.mode={mode!r} is not one of {sorted(STAGES)}.')
-    with distributed.workdir_lock(FLAGS.workdir):
-      STAGES[mode](FLAGS.config, FLAGS.workdir)
-  except config_validation.ConfigError as e:
-    _fail(2, f'Invalid config: {e}')
-  except BAD_INPUT as e:
-    _fail(2, f'{type(e).__name__}: {e}')
-  except FloatingPointError as e:
-    _fail(3, f'Training diverged: {e}')
-  except distributed.Preempted as e:
-    _fail(distributed.PREEMPTED_EXIT_CODE, str(e))
+  workdir = FLAGS.workdir if '://' in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
+  run(FLAGS.config, workdir)
 
 
 if __name__ == '__main__':

@@ -14,15 +14,18 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from barlow_jax import augment
-from barlow_jax import input_pipeline
-from barlow_jax import models
+from barlow_jax.data import augment
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+from barlow_jax.models import factory
 from barlow_jax import optim
-from barlow_jax import train
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
+from barlow_jax.stages import pretrain
+from barlow_jax import trainer
 
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 flags.DEFINE_integer('steps', 5, 'Timed steps after one warm-up step.')
@@ -42,13 +45,14 @@ def _time(fn, steps):
 def main(_):
   config = FLAGS.config
   n = config.batch_size
-  size = input_pipeline.dataset_spec(config.dataset).image_size
-  mesh = train.make_mesh()
-  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  size = datasets.dataset_spec(config.dataset).image_size
+  mesh = mesh_lib.make_mesh()
+  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, 100, 1000)
-  state = train.create_train_state(config, model, tx, mesh)
-  step = train.make_train_step(config, model, tx, mesh, schedule)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
+  step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
+                                  schedule, num_views=2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   rng = np.random.default_rng(0)
   batch = {'image': jax.device_put(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), sharding),
            'label': jax.device_put(rng.integers(0, 10, n).astype(np.int32), sharding)}
@@ -62,7 +66,7 @@ def main(_):
   keys = jax.random.split(jax.random.PRNGKey(0), n)
   aug = jax.jit(lambda k, x: augment.augment_batch(k, x, view, config.augment.crop_size))
   x = aug(keys, batch['image'])
-  single = models.create_model(config)
+  single = factory.create_model(config)
   fwd = jax.jit(lambda v, x: single.apply(v, x, train=False)['embeddings'])
 
   def forward():  # Reads the live state: the train step donates the old one.
@@ -77,8 +81,8 @@ def main(_):
     print(f'{name:38s} {seconds * 1e3:9.1f} ms   {n / seconds:8.1f} img/s   [{desc}]')
 
   if FLAGS.input:
-    data = input_pipeline.load_train_data(config)
-    it = input_pipeline.train_dataset(data, n, 0).as_numpy_iterator()
+    data = pipeline.load_train_data(config)
+    it = pipeline.train_dataset(data, n, 0).as_numpy_iterator()
     seconds = _time(lambda: next(it)['image'], 20)
     print(f"{'input pipeline (host)':38s} {seconds * 1e3:9.1f} ms   {n / seconds:8.1f} img/s")
 

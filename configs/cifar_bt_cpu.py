@@ -27,7 +27,9 @@ pixels (C chosen by cross-validation; README, "Quick start").
   python -m barlow_jax.main --config=configs/cifar_bt_cpu.py --workdir=runs/bt_cpu
 """
 
-from configs import cifar_bt
+from barlow_jax.config_files import sibling
+
+cifar_bt = sibling(__file__, 'cifar_bt')
 
 
 def get_config():

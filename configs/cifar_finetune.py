@@ -17,7 +17,9 @@ trained from scratch (55.3%): 380 steps underfit that encoder.
 import ml_collections
 from ml_collections import config_dict
 
-from configs import cifar_supervised_bt
+from barlow_jax.config_files import sibling
+
+cifar_supervised_bt = sibling(__file__, 'cifar_supervised_bt')
 
 
 def get_config() -> ml_collections.ConfigDict:

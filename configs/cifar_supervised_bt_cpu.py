@@ -20,7 +20,9 @@ a Barlow Twins term".
 
 import ml_collections
 
-from configs import cifar_supervised_bt
+from barlow_jax.config_files import sibling
+
+cifar_supervised_bt = sibling(__file__, 'cifar_supervised_bt')
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:

@@ -17,7 +17,9 @@ Small-scale check of this exact config on a CPU (ImageNet must be prepared):
   --config.batch_size=16 --config.num_steps=2 --config.model.width=8 --config.model.projector=64-64
 """
 
-from configs import cifar_bt
+from barlow_jax.config_files import sibling
+
+cifar_bt = sibling(__file__, 'cifar_bt')
 
 
 def get_config():

@@ -20,12 +20,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from barlow_jax import models
+from barlow_jax import config_files
 from barlow_jax import optim
-from barlow_jax import train
+from barlow_jax.models import factory
+from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
 from conftest import REPO
 
 BASE_CONFIG = 'configs/cifar_bt_cpu.py'
+
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
   out = {}
@@ -39,8 +43,7 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
 
 def overrides(config) -> list[str]:
   """``--config.key=value`` for every value where ``config`` differs from BASE_CONFIG."""
-  from configs import cifar_bt_cpu
-  base = _flatten(cifar_bt_cpu.get_config().to_dict())
+  base = _flatten(config_files.load(BASE_CONFIG).to_dict())
   changed = {k: v for k, v in _flatten(config.to_dict()).items() if k not in base or base[k] != v}
   for key, value in changed.items():
     assert not isinstance(value, (tuple, list)), f'{key}: only scalar overrides are supported'
@@ -151,10 +154,11 @@ def latest_step(workdir) -> Optional[int]:
 
 def abstract_state(config, devices=None):
   """The TrainState structure of ``config``, replicated over ``devices``."""
-  mesh = train.make_mesh(devices)
-  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  mesh = mesh_lib.make_mesh(devices)
+  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
-  abstract = jax.eval_shape(lambda: train.create_train_state(config, model, tx, mesh))
+  abstract = jax.eval_shape(lambda: state_lib.create_train_state(
+      model, tx, mesh, config.seed, config.augment.crop_size))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                       abstract)
@@ -162,7 +166,7 @@ def abstract_state(config, devices=None):
 
 def load_state(workdir, config, step: Optional[int] = None, devices=None):
   """A checkpoint of ``workdir`` restored onto ``devices`` (default all), as numpy."""
-  manager = train.checkpoint_manager(workdir, config)
+  manager = checkpoint.manager(workdir, read_only=True)
   try:
     step = manager.latest_step() if step is None else step
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_state(config, devices)))

@@ -8,7 +8,6 @@ import atexit
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -28,8 +27,9 @@ os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
 
 import pytest  # noqa: E402
 
+from barlow_jax import config_files  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `configs` is a top-level folder, not part of the package.
 
 # ../shared/tfds beside the checkout holds the real CIFAR-10 (no download in tests).
 DATA_DIR = os.environ.get('BARLOW_JAX_TEST_DATA_DIR', str(REPO.parent / 'shared' / 'tfds'))
@@ -39,10 +39,14 @@ needs_cifar10 = pytest.mark.skipif(
            '(set BARLOW_JAX_TEST_DATA_DIR); tests never download.')
 
 
+def config_module(name: str):
+  """The config file configs/<name>.py as a module, found as barlow_jax.main finds it."""
+  return config_files.load_module(config_files.resolve(name))
+
+
 def tiny_config():
   """cifar_bt_cpu shrunk until one step compiles and runs in seconds."""
-  from configs import cifar_bt_cpu
-  config = cifar_bt_cpu.get_config()
+  config = config_files.load('cifar_bt_cpu')
   config.data_dir = DATA_DIR
   config.download = False
   config.fraction = 1.0
@@ -61,7 +65,7 @@ def tiny_config():
 
 
 def pretraining_workdir(path, config, step: int = 2):
-  """A pretraining workdir as train.train_and_evaluate leaves it, without training.
+  """A pretraining workdir as stages.pretrain.run leaves it, without training.
 
   Holds ``config.json`` and the initial state of ``config`` saved as
   checkpoint ``step`` (1 device): enough for every stage that restores a
@@ -72,13 +76,16 @@ def pretraining_workdir(path, config, step: int = 2):
   """
   import jax
   import orbax.checkpoint as ocp
-  from barlow_jax import models, optim, train
+  from barlow_jax import optim
+  from barlow_jax.models import factory
+  from barlow_jax.runtime import checkpoint, mesh as mesh_lib, state as state_lib
   path = pathlib.Path(path)
-  mesh = train.make_mesh(jax.devices()[:1])
-  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
-  manager = train.checkpoint_manager(str(path), config)
-  state = train.create_train_state(config, model, tx, mesh).replace(step=jax.numpy.int32(step))
+  manager = checkpoint.manager(str(path), config.checkpoint.max_to_keep)
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
+  state = state.replace(step=jax.numpy.int32(step))
   manager.save(step, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   manager.close()
@@ -88,8 +95,7 @@ def pretraining_workdir(path, config, step: int = 2):
 
 def tiny_supervised_config(arg: str = ''):
   """configs/cifar_supervised_bt.py shrunk like tiny_config, with small eval splits."""
-  from configs import cifar_supervised_bt
-  config = cifar_supervised_bt.get_config(arg)
+  config = config_files.load('cifar_supervised_bt', arg)
   config.data_dir = DATA_DIR
   config.download = False
   config.model.width = 4
@@ -122,14 +128,26 @@ def assert_png_not_blank(path) -> None:
 
 @pytest.fixture(scope='module')
 def small_resnet():
-  """Registers models.ENCODERS['resnet_small'] (2 stages of 1 block) for a test module.
+  """Registers encoders.ENCODERS['resnet_small'] (2 stages of 1 block) for a test module.
 
   Steps that do not depend on the encoder compile several times faster with
   it than with ResNet-18; the registration is undone after the module.
   """
   import functools
-  from barlow_jax import models
+  from barlow_jax.models import encoders
   with pytest.MonkeyPatch.context() as patch:
-    patch.setitem(models.ENCODERS, 'resnet_small', functools.partial(
-        models.ResNet, stage_sizes=(1, 1), block_cls=models.BasicBlock))
+    patch.setitem(encoders.ENCODERS, 'resnet_small', functools.partial(
+        encoders.ResNet, stage_sizes=(1, 1), block_cls=encoders.BasicBlock))
     yield 'resnet_small'
+
+
+def features(config, model, variables, split: str, batch_size: int, mesh=None, view=None,
+             seed: int = 0, fn=None):
+  """(features, labels) of ``split`` through predict.predict_split, as the stages get them.
+
+  ``fn`` (from predict.make_predict_fn) saves a compile when called repeatedly.
+  """
+  from barlow_jax.evaluators import predict
+  fn = fn or predict.make_predict_fn(config, model, view, outputs=('features',))
+  out = predict.predict_split(config, fn, variables, split, batch_size, mesh, seed=seed)
+  return out['features'], out['label']

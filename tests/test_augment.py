@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from barlow_jax import augment
+from barlow_jax.data import augment
 
 N = 512  # Examples for the rate checks; 3 sigma of a p=0.5 rate is 0.066.
 OFF = augment.ViewAugment(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0,

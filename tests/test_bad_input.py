@@ -37,7 +37,7 @@ def _corrupt_arrays(workdir: pathlib.Path) -> None:
 def _locked_by_another_process(workdir: pathlib.Path) -> subprocess.Popen:
   """A real second process holding the workdir lock, as a live run does."""
   code = ('import sys, time\n'
-          'from barlow_jax import distributed\n'
+          'from barlow_jax.runtime import distributed\n'
           'with distributed.workdir_lock(sys.argv[1]):\n'
           '  print("locked", flush=True)\n'
           '  time.sleep(300)\n')

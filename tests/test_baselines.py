@@ -5,11 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from barlow_jax import baselines
+from barlow_jax import errors
+from barlow_jax.stages import baselines
 from barlow_jax import config_validation
-from barlow_jax import input_pipeline
-from configs import cifar_baselines
-from conftest import DATA_DIR, needs_cifar10
+from barlow_jax.data import pipeline
+from conftest import config_module, DATA_DIR, needs_cifar10
+
+cifar_baselines = config_module('cifar_baselines')
 
 
 def _config():
@@ -47,7 +49,7 @@ def test_baselines_on_a_balanced_fraction(tmp_path):
   assert '| logistic_regression |' in (tmp_path / 'results.md').read_text()
 
   train_x, train_y = baselines.load_pixels(config, config.train_split)
-  keep = input_pipeline.balanced_subset(train_y, 0.5, 10, config.fraction_seed)
+  keep = pipeline.balanced_subset(train_y, 0.5, 10, config.fraction_seed)
   test_x, test_y = baselines.load_pixels(config, 'test')
   predicted = _knn5_numpy(train_x[keep].astype(np.float64), train_y[keep], test_x.astype(np.float64))
   assert saved['knn_k5']['top1'] == pytest.approx(float((predicted == test_y).mean()), abs=2e-4)
@@ -56,9 +58,9 @@ def test_baselines_on_a_balanced_fraction(tmp_path):
 def test_bad_baseline_settings_name_the_key():
   config = _config()
   config.methods = ('knn_k5', 'svm')
-  with pytest.raises(config_validation.ConfigError, match=r"config\.methods=.*unknown: \['svm'\]"):
+  with pytest.raises(errors.ConfigError, match=r"config\.methods=.*unknown: \['svm'\]"):
     config_validation.validate_baselines(config)
   config = _config()
   config.logistic_cs = (0.1, 0.0)
-  with pytest.raises(config_validation.ConfigError, match=r'config\.logistic_cs='):
+  with pytest.raises(errors.ConfigError, match=r'config\.logistic_cs='):
     config_validation.validate_baselines(config)

@@ -1,21 +1,35 @@
-"""The command line on the real CIFAR-10: a short quick-start run, its linear probe, bad input."""
+"""The command line on the real CIFAR-10: a short quick-start run, its linear probe, bad input.
+
+Every command runs in a directory other than the repository's, with configs
+given by path or by name: an installed barlow_jax must not need the checkout
+as its current directory.
+"""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
 from conftest import DATA_DIR, REPO, assert_png_not_blank, needs_cifar10
 
 
-def _run(workdir, *overrides):
+def _env() -> dict:
   env = dict(os.environ, XLA_FLAGS='')  # One CPU device, as a user's laptop.
-  cmd = [sys.executable, '-m', 'barlow_jax.main', '--config=configs/cifar_bt_cpu.py',
+  env.pop('PYTHONPATH', None)  # barlow_jax as installed, not from the checkout.
+  return env
+
+
+def _run(workdir, *overrides, config=str(REPO / 'configs' / 'cifar_bt_cpu.py')):
+  """The CLI with cwd=workdir's parent (not the repository) and the config given by path."""
+  cmd = [sys.executable, '-m', 'barlow_jax.main', f'--config={config}',
          f'--workdir={workdir}', f'--config.data_dir={DATA_DIR}', '--config.download=False',
          *overrides]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(cmd, cwd=pathlib.Path(workdir).parent, env=_env(), capture_output=True,
+                        text=True, timeout=600)
 
 
 @pytest.fixture(scope='module')
@@ -47,14 +61,16 @@ def test_quick_start_config_runs_and_checkpoints(quick_start_run):
 @needs_cifar10
 def test_linear_probe_runs_from_the_cli_on_the_quick_start_checkpoint(quick_start_run, tmp_path):
   pretrained, _ = quick_start_run
-  env = dict(os.environ, XLA_FLAGS='')
-  cmd = [sys.executable, '-m', 'barlow_jax.main', '--config=configs/cifar_linear.py',
-         f'--workdir={tmp_path}', f'--config.pretrained_workdir={pretrained}',
+  # The config by name, the pretraining workdir relative to the current directory.
+  cmd = [sys.executable, '-m', 'barlow_jax.main', '--config=cifar_linear',
+         '--workdir=probe', f'--config.pretrained_workdir={os.path.relpath(pretrained, tmp_path)}',
          '--config.train_split=train[:300]', '--config.test_split=test[:100]',
          '--config.batch_size=64', '--config.probe.epochs=5', '--config.probe.batch_size=64',
          '--config.knn.k=(5,)']
-  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
+  tmp_path = tmp_path / 'probe'
 
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert saved['encoder'] == 'pretrained, step 3' and saved['num_train'] == 300
@@ -65,6 +81,8 @@ def test_linear_probe_runs_from_the_cli_on_the_quick_start_checkpoint(quick_star
   table = (tmp_path / 'results.md').read_text()
   assert '| linear |' in table and '| knn_k5 |' in table
   assert_png_not_blank(tmp_path / 'confusion_matrix.png')
+  # The pretraining workdir was only read: nothing new in it.
+  assert sorted(os.listdir(pretrained / 'checkpoints')) == ['3']
 
 
 def test_invalid_value_exits_2_naming_the_key(tmp_path):
@@ -77,3 +95,38 @@ def test_unknown_key_is_rejected(tmp_path):
   result = _run(tmp_path, '--config.lamda=0.1')
   assert result.returncode != 0
   assert 'lamda' in result.stderr
+
+
+def test_unknown_config_name_exits_2_listing_the_configs(tmp_path):
+  result = _run(tmp_path / 'run', config='cifar_bt_cpuu')
+  assert result.returncode == 2
+  assert "no config named 'cifar_bt_cpuu'" in result.stderr and 'cifar_bt_cpu,' in result.stderr
+
+
+def test_installed_wheel_finds_its_configs_by_name_from_any_directory(tmp_path):
+  """``pip install .`` (not editable) installs configs/ as barlow_jax.configs.
+
+  The wheel is built and unpacked here (what pip install does, without
+  touching this environment); a config that derives from another by its own
+  path loads, and the CLI reads it by name: an invalid value exits 2 before
+  anything is compiled.
+  """
+  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                  '-q', '-w', str(tmp_path / 'dist'), str(REPO)], check=True, timeout=300,
+                 capture_output=True)
+  wheel, = (tmp_path / 'dist').glob('barlow_jax-*.whl')
+  with zipfile.ZipFile(wheel) as f:
+    f.extractall(tmp_path / 'site')
+  env = dict(_env(), PYTHONPATH=str(tmp_path / 'site'))
+  where = subprocess.run(
+      [sys.executable, '-c', 'import barlow_jax.config_files as c; print(c.configs_dir()); '
+       'print(c.load("cifar_bt_cpu").model.width)'],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert where.returncode == 0, where.stderr[-2000:]
+  assert where.stdout.split() == [str(tmp_path / 'site' / 'barlow_jax' / 'configs'), '8']
+  result = subprocess.run(
+      [sys.executable, '-m', 'barlow_jax.main', '--config=cifar_bt_cpu', '--workdir=run',
+       '--config.lambd=-0.5'], cwd=tmp_path, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert 'config.lambd=-0.5' in result.stderr

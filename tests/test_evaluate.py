@@ -5,11 +5,15 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from barlow_jax import augment
-from barlow_jax import evaluate
-from barlow_jax import models
-from barlow_jax import train
-from conftest import needs_cifar10, pretraining_workdir, tiny_config
+from barlow_jax import errors
+from barlow_jax.data import augment
+from barlow_jax.evaluators import knn
+from barlow_jax.evaluators import linear_probe
+from barlow_jax.evaluators import metrics
+from barlow_jax.models import factory
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.stages import pretrain
+from conftest import features, needs_cifar10, pretraining_workdir, tiny_config
 
 
 def brute_force_knn(train_x, train_y, test_x, num_classes, k, t):
@@ -28,7 +32,7 @@ def test_knn_equals_brute_force(k):
   rng = np.random.default_rng(0)
   train_x, test_x = rng.normal(size=(300, 16)), rng.normal(size=(50, 16))
   train_y = rng.integers(0, 5, 300)
-  got = evaluate.knn_scores(train_x.astype(np.float32), train_y, test_x.astype(np.float32), 5, k,
+  got = knn.knn_scores(train_x.astype(np.float32), train_y, test_x.astype(np.float32), 5, k,
                             temperature=0.1, chunk=16)
   expected = brute_force_knn(train_x, train_y, test_x, 5, k, 0.1)
   np.testing.assert_allclose(got, expected, rtol=2e-4)
@@ -39,7 +43,7 @@ def test_micro_macro_match_sklearn():
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 7, 400)
   scores = rng.normal(size=(400, 7)) + 2.0 * np.eye(7)[labels] * (rng.uniform(size=400) < 0.5)[:, None]
-  m = evaluate.classification_metrics(scores, labels, 7)
+  m = metrics.classification_metrics(scores, labels, 7)
   pred = scores.argmax(1)
   assert m['micro'] == pytest.approx(skm.accuracy_score(labels, pred))
   assert m['micro'] == pytest.approx(skm.f1_score(labels, pred, average='micro'))
@@ -56,20 +60,19 @@ def test_linear_probe_learns_a_separable_problem():
   centers = rng.normal(size=(4, 8)) * 3
   y = rng.integers(0, 4, 800)
   x = (centers[y] + rng.normal(size=(800, 8))).astype(np.float32)
-  predict = evaluate.train_linear_probe(x[:600], y[:600], 4, epochs=20, batch_size=64, lr=0.1,
+  classify = linear_probe.train_linear_probe(x[:600], y[:600], 4, epochs=20, batch_size=64, lr=0.1,
                                         weight_decay=0.0)
-  assert (predict(x[600:]).argmax(1) == y[600:]).mean() > 0.95
+  assert (classify(x[600:]).argmax(1) == y[600:]).mean() > 0.95
 
 
 @needs_cifar10
 def test_padded_features_count_every_example_once_on_8_devices():
   config = tiny_config()
-  model = models.create_model(config)
+  model = factory.create_model(config)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
   split = 'test[:1003]'  # Odd size: 15 full batches of 64 and one of 43.
-  f8, y8 = evaluate.extract_features(config, model, variables, split, 64, train.make_mesh())
-  f1, y1 = evaluate.extract_features(config, model, variables, split, 64,
-                                     train.make_mesh(jax.devices()[:1]))
+  f8, y8 = features(config, model, variables, split, 64, mesh_lib.make_mesh())
+  f1, y1 = features(config, model, variables, split, 64, mesh_lib.make_mesh(jax.devices()[:1]))
   assert f8.shape == (1003, f8.shape[1]) and len(y8) == 1003
   np.testing.assert_array_equal(y8, y1)
   np.testing.assert_allclose(f8, f1, rtol=1e-5, atol=1e-6)
@@ -79,33 +82,33 @@ def test_padded_features_count_every_example_once_on_8_devices():
 def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
   config = tiny_config()
   pretraining_workdir(tmp_path, config, step=1)
-  model, variables, step = evaluate.restore_encoder(config, str(tmp_path))
-  assert step == 1 and 'backbone' in variables['params']
+  encoder = pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh())
+  assert encoder.step == 1 and 'backbone' in encoder.variables['params']
   other = tiny_config()
   other.model.width = 8
-  with pytest.raises(evaluate.CheckpointMismatchError,
-                     match=r"arrays differ(.|\n)*params\['backbone'\]\['BasicBlock_0'\]"
+  (tmp_path / 'config.json').write_text(other.to_json_best_effort())
+  with pytest.raises(errors.CheckpointError,
+                     match=r"differing arrays(.|\n)*params\['backbone'\]\['BasicBlock_0'\]"
                            r"\['BatchNorm_0'\]\['bias'\]: checkpoint \(4,\) vs config \(8,\)"):
-    evaluate.restore_encoder(other, str(tmp_path))
+    pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh())
+  assert not (tmp_path / 'checkpoints' / '1.orbax-checkpoint-tmp').exists()
 
 
 @needs_cifar10
 def test_augmented_features_identity_view_and_device_count(small_resnet):
   config = tiny_config()
   config.model.encoder = small_resnet
-  model = models.create_model(config)
+  model = factory.create_model(config)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
-  split, eight, one = 'test[:40]', train.make_mesh(), train.make_mesh(jax.devices()[:1])
-  clean, y = evaluate.extract_features(config, model, variables, split, 16, eight)
+  split, eight, one = 'test[:40]', mesh_lib.make_mesh(), mesh_lib.make_mesh(jax.devices()[:1])
+  clean, y = features(config, model, variables, split, 16, eight)
   off = augment.ViewAugment(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0)
-  same, _ = evaluate.extract_features(config, model, variables, split, 16, eight,
-                                      evaluate.make_feature_fn(config, model, off))
+  same, _ = features(config, model, variables, split, 16, eight, off)
   np.testing.assert_allclose(same, clean, rtol=1e-5, atol=1e-6)
 
   crop_flip = augment.ViewAugment(crop=1.0, flip=0.5, jitter=0.0, grayscale=0.0, blur=0.0)
-  fn = evaluate.make_feature_fn(config, model, crop_flip)
-  aug8, y8 = evaluate.extract_features(config, model, variables, split, 16, eight, fn, seed=3)
-  aug1, _ = evaluate.extract_features(config, model, variables, split, 16, one, fn, seed=3)
+  aug8, y8 = features(config, model, variables, split, 16, eight, crop_flip, seed=3)
+  aug1, _ = features(config, model, variables, split, 16, one, crop_flip, seed=3)
   np.testing.assert_array_equal(y8, y)
   np.testing.assert_allclose(aug8, aug1, rtol=1e-5, atol=1e-6)
   assert np.abs(aug8 - clean).max() > 1e-2  # The views are really augmented.

@@ -6,26 +6,34 @@ import jax
 import numpy as np
 import pytest
 
-from barlow_jax import input_pipeline
+from barlow_jax import config_validation
+from barlow_jax import errors
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
 from conftest import DATA_DIR, needs_cifar10, tiny_config
 
 
 def test_balanced_subset_exact_counts_and_seeded():
   labels = np.repeat(np.arange(10), [600, 550, 700, 500, 520, 800, 510, 505, 530, 900])
-  idx = input_pipeline.balanced_subset(labels, 0.1, 10, seed=3)
+  idx = pipeline.balanced_subset(labels, 0.1, 10, seed=3)
   per_class = int(0.1 * len(labels) / 10)
   assert np.bincount(labels[idx], minlength=10).tolist() == [per_class] * 10
   assert len(np.unique(idx)) == len(idx)
-  np.testing.assert_array_equal(idx, input_pipeline.balanced_subset(labels, 0.1, 10, seed=3))
-  assert not np.array_equal(idx, input_pipeline.balanced_subset(labels, 0.1, 10, seed=4))
+  np.testing.assert_array_equal(idx, pipeline.balanced_subset(labels, 0.1, 10, seed=3))
+  assert not np.array_equal(idx, pipeline.balanced_subset(labels, 0.1, 10, seed=4))
 
 
 def test_balanced_subset_rejects_impossible_fractions():
   labels = np.repeat(np.arange(2), [90, 10])
   with pytest.raises(ValueError, match='fraction=0.5 asks for 25 examples per class'):
-    input_pipeline.balanced_subset(labels, 0.5, 2, seed=0)
-  with pytest.raises(ValueError, match=r'fraction=0 must be in \(0, 1\]'):
-    input_pipeline.balanced_subset(labels, 0, 2, seed=0)
+    pipeline.balanced_subset(labels, 0.5, 2, seed=0)
+  with pytest.raises(ValueError, match='fraction=0 asks for 0 examples per class'):
+    pipeline.balanced_subset(labels, 0, 2, seed=0)
+  # The range of config.fraction is checked once, before any data is read.
+  config = tiny_config()
+  config.fraction = 0.0
+  with pytest.raises(errors.ConfigError, match=r'config\.fraction=0\.0 must be in \(0, 1\]'):
+    config_validation.validate_pretrain(config)
 
 
 @needs_cifar10
@@ -33,11 +41,11 @@ def test_cifar10_fraction_stream_is_balanced_and_resumable():
   config = tiny_config()
   config.train_split = 'train[:10000]'  # A short label scan.
   config.fraction = 0.1  # 100 images per class.
-  data = input_pipeline.load_train_data(config)
+  data = pipeline.load_train_data(config)
   assert data.num_global == data.num_local == 1000
 
   def take(start, n):
-    ds = input_pipeline.train_dataset(data, local_batch=100, seed=7, start_step=start)
+    ds = pipeline.train_dataset(data, local_batch=100, seed=7, start_step=start)
     return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
 
   epoch = take(0, 12)  # 10 batches = one epoch, then two into the next one.
@@ -55,14 +63,14 @@ def test_cifar10_fraction_stream_is_balanced_and_resumable():
 @needs_cifar10
 def test_missing_dataset_names_the_data_dir(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-    input_pipeline.get_builder('cifar10', str(tmp_path), download=False)
+    datasets.get_builder('cifar10', str(tmp_path), download=False)
 
 
 @needs_cifar10
 def test_eval_batches_pad_and_mask_every_example_once():
-  builder = input_pipeline.get_builder('cifar10', DATA_DIR, download=False)
-  spec = input_pipeline.dataset_spec('cifar10')
-  batches = list(input_pipeline.eval_batches(builder, spec, 'test[:1003]', local_batch=100))
+  builder = datasets.get_builder('cifar10', DATA_DIR, download=False)
+  spec = datasets.dataset_spec('cifar10')
+  batches = list(pipeline.eval_batches(builder, spec, 'test[:1003]', local_batch=100))
   assert len(batches) == 11 and all(len(b['label']) == 100 for b in batches)
   assert sum(int(b['mask'].sum()) for b in batches) == 1003
   assert not batches[-1]['mask'][3:].any()
@@ -70,13 +78,13 @@ def test_eval_batches_pad_and_mask_every_example_once():
 
 @needs_cifar10
 def test_eval_batches_index_examples_by_their_position_in_the_split(monkeypatch):
-  builder = input_pipeline.get_builder('cifar10', DATA_DIR, download=False)
-  spec = input_pipeline.dataset_spec('cifar10')
+  builder = datasets.get_builder('cifar10', DATA_DIR, download=False)
+  spec = datasets.dataset_spec('cifar10')
 
   def read(process_index, process_count):
     monkeypatch.setattr(jax, 'process_index', lambda: process_index)
     monkeypatch.setattr(jax, 'process_count', lambda: process_count)
-    batches = list(input_pipeline.eval_batches(builder, spec, 'test[:1003]', local_batch=100))
+    batches = list(pipeline.eval_batches(builder, spec, 'test[:1003]', local_batch=100))
     mask = np.concatenate([b['mask'] for b in batches])
     return (np.concatenate([b['index'] for b in batches])[mask],
             np.concatenate([b['label'] for b in batches])[mask])

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from barlow_jax import config_validation
-from barlow_jax import evaluate
-from barlow_jax import knn_monitor
-from barlow_jax import models
-from barlow_jax import train
+from barlow_jax import errors
+from barlow_jax.evaluators import knn
+from barlow_jax.evaluators import knn_monitor
+from barlow_jax.evaluators import predict
+from barlow_jax.models import factory
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.stages import pretrain
 from cli_runs import read_scalars
-from conftest import needs_cifar10, tiny_config
+from conftest import features, needs_cifar10, tiny_config
 
 
 def monitored_config(encoder: str):
@@ -34,16 +37,14 @@ def monitored_config(encoder: str):
   return config
 
 
-def top1_from(config, variables, feature_fn) -> float:
+def top1_from(config, variables, predict_fn) -> float:
   """kNN top-1 of ``variables`` on config.knn_monitor's splits, computed here."""
   m = config.knn_monitor
-  model = models.create_model(config)
-  bank_x, bank_y = evaluate.extract_features(config, model, variables, m.train_split, 16,
-                                             feature_fn=feature_fn)
-  test_x, test_y = evaluate.extract_features(config, model, variables, m.test_split, 16,
-                                             feature_fn=feature_fn)
+  model = factory.create_model(config)
+  bank_x, bank_y = features(config, model, variables, m.train_split, 16, fn=predict_fn)
+  test_x, test_y = features(config, model, variables, m.test_split, 16, fn=predict_fn)
   assert len(bank_y) == 256 and len(test_y) == 250
-  scores = evaluate.knn_scores(bank_x, bank_y, test_x, 10, m.k, m.temperature)
+  scores = knn.knn_scores(bank_x, bank_y, test_x, 10, m.k, m.temperature)
   return float(np.mean(scores.argmax(1) == test_y))
 
 
@@ -51,19 +52,21 @@ def top1_from(config, variables, feature_fn) -> float:
 def test_logged_knn_equals_knn_of_the_checkpoints_at_those_steps(tmp_path, small_resnet, caplog):
   config = monitored_config(small_resnet)
   caplog.set_level(logging.INFO)
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = pretrain.run(config, str(tmp_path))
 
   logged = read_scalars(tmp_path, knn_monitor.METRIC)
   assert sorted(logged) == [2, 4, 5]
   assert len(set(logged.values())) == 3  # Distinct, so a mix-up of steps would show.
   assert f'step 5: kNN (k=20) top-1 {logged[5]:.4f}' in caplog.text
-  feature_fn = evaluate.make_feature_fn(config, models.create_model(config))
+  predict_fn = predict.make_predict_fn(config, factory.create_model(config),
+                                       outputs=('features',))
   for step in (2, 4, 5):  # Checkpoints every 2 steps and at the end.
-    _, variables, restored = evaluate.restore_encoder(config, str(tmp_path), step)
-    assert restored == step
-    assert logged[step] == pytest.approx(top1_from(config, variables, feature_fn), abs=1e-6)
+    restored = pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh(), step)
+    assert restored.step == step
+    assert logged[step] == pytest.approx(top1_from(config, restored.variables, predict_fn),
+                                         abs=1e-6)
   final = {'params': state.params, 'batch_stats': state.batch_stats}
-  assert logged[5] == pytest.approx(top1_from(config, final, feature_fn), abs=1e-6)
+  assert logged[5] == pytest.approx(top1_from(config, final, predict_fn), abs=1e-6)
   assert read_scalars(tmp_path, 'train/bt_loss')  # The loop's own scalars are still written.
 
 
@@ -88,7 +91,7 @@ def test_every_epochs_becomes_steps_once_and_zero_is_off():
 def test_invalid_monitor_settings_name_the_key(key, value, message):
   config = tiny_config()
   config.knn_monitor[key] = value
-  with pytest.raises(config_validation.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     config_validation.validate_pretrain(config)
 
 
@@ -100,5 +103,5 @@ def test_invalid_monitor_settings_name_the_key(key, value, message):
 def test_bad_splits_fail_before_training(tmp_path, key, value, message):
   config = monitored_config('resnet18')
   config.knn_monitor[key] = value
-  with pytest.raises(config_validation.ConfigError, match=message):
-    knn_monitor.make_hook(config, steps_per_epoch=4, total_steps=5, mesh=train.make_mesh())
+  with pytest.raises(errors.ConfigError, match=message):
+    knn_monitor.make_hook(config, steps_per_epoch=4, total_steps=5, mesh=mesh_lib.make_mesh())

@@ -16,15 +16,18 @@ import jax
 import numpy as np
 import pytest
 
-from barlow_jax import augment
 from barlow_jax import config_validation
-from barlow_jax import evaluate
-from barlow_jax import input_pipeline
-from barlow_jax import linear_eval
-from barlow_jax import models
-from barlow_jax import train
-from configs import cifar_linear
-from conftest import DATA_DIR, needs_cifar10, pretraining_workdir, tiny_config
+from barlow_jax import errors
+from barlow_jax.data import augment
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+from barlow_jax.evaluators import linear_probe
+from barlow_jax.models import factory
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.stages import linear
+from conftest import (DATA_DIR, config_module, features, needs_cifar10, pretraining_workdir,
+                      tiny_config)
+
 
 SPLIT = 'train[:96]'  # 3 batches of 32 per epoch.
 HYPER = dict(epochs=3, batch_size=32, lr=0.3, weight_decay=1e-3, momentum=0.9, seed=5)
@@ -61,34 +64,35 @@ def encoder(small_resnet):
   config = tiny_config()
   config.model.encoder = small_resnet
   config.train_split = SPLIT
-  model = models.create_model(config)
+  model = factory.create_model(config)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32),
                          train=False)
-  x, y = evaluate.extract_features(config, model, variables, SPLIT, 32, train.make_mesh())
-  return config, model, variables, input_pipeline.load_train_data(config), x, y
+  x, y = features(config, model, variables, SPLIT, 32, mesh_lib.make_mesh())
+  return config, model, variables, pipeline.load_train_data(config), x, y
 
 
 def pipeline_order(config, data, steps: int) -> np.ndarray:
   """[steps, 32] rows of SPLIT (its order in extract_features) in the probe's batches."""
-  builder = input_pipeline.get_builder(config.dataset, config.data_dir, config.download)
-  images = next(input_pipeline.eval_batches(builder, data.spec, SPLIT, 96))['image']
+  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
+  images = next(pipeline.eval_batches(builder, data.spec, SPLIT, 96))['image']
   row_of = {im.tobytes(): i for i, im in enumerate(images)}
   assert len(row_of) == 96  # No duplicate images: the mapping is exact.
-  stream = input_pipeline.train_dataset(data, 32, HYPER['seed']).as_numpy_iterator()
+  stream = pipeline.train_dataset(data, 32, HYPER['seed']).as_numpy_iterator()
   return np.array([[row_of[im.tobytes()] for im in next(stream)['image']]
                    for _ in range(steps)])
 
 
 @needs_cifar10
-def test_without_augmentation_equals_cached_probe_and_numpy_in_the_same_order(encoder):
+def test_without_augmentation_equals_cached_probe_and_numpy_in_the_same_order(encoder, tmp_path):
   config, model, variables, data, x, y = encoder
-  mean, std = evaluate.feature_standardizer(x)
-  on_the_fly = evaluate.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION,
-                                              mean, std, mesh=train.make_mesh(), **HYPER)
+  mean, std = linear_probe.feature_standardizer(x)
+  on_the_fly = linear_probe.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION,
+                                                  mean, std, str(tmp_path),
+                                                  mesh=mesh_lib.make_mesh(), **HYPER)
 
   order = pipeline_order(config, data, steps=HYPER['epochs'] * 3)
   assert sorted(order[:3].ravel()) == list(range(96))  # Each epoch is a permutation.
-  cached = evaluate.train_linear_probe(x, y, 10, batch_indices=order, **HYPER)
+  cached = linear_probe.train_linear_probe(x, y, 10, batch_indices=order, **HYPER)
   reference = numpy_probe(x.astype(np.float64), y, order, 10, HYPER['lr'],
                           HYPER['weight_decay'], HYPER['momentum'])
 
@@ -100,16 +104,17 @@ def test_without_augmentation_equals_cached_probe_and_numpy_in_the_same_order(en
 
 
 @needs_cifar10
-def test_augmented_views_do_not_depend_on_the_device_count(encoder):
+def test_augmented_views_do_not_depend_on_the_device_count(encoder, tmp_path):
   config, model, variables, data, x, _ = encoder
-  mean, std = evaluate.feature_standardizer(x)
+  mean, std = linear_probe.feature_standardizer(x)
   hyper = dict(HYPER, epochs=1)
-  logits = {n: evaluate.train_augmented_probe(
-      config, model, variables, data, CROP_FLIP, mean, std,
-      mesh=train.make_mesh(jax.devices()[:n]), **hyper)(x) for n in (8, 1)}
+  logits = {n: linear_probe.train_augmented_probe(
+      config, model, variables, data, CROP_FLIP, mean, std, str(tmp_path / f'{n}'),
+      mesh=mesh_lib.make_mesh(jax.devices()[:n]), **hyper)(x) for n in (8, 1)}
   np.testing.assert_allclose(logits[8], logits[1], rtol=1e-4, atol=1e-5)
-  clean = evaluate.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION, mean,
-                                         std, mesh=train.make_mesh(), **hyper)(x)
+  clean = linear_probe.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION, mean,
+                                             std, str(tmp_path / 'clean'),
+                                             mesh=mesh_lib.make_mesh(), **hyper)(x)
   assert np.abs(logits[8] - clean).max() > 1e-2  # The augmentation did change the features.
 
 
@@ -121,9 +126,9 @@ def test_stage_end_to_end_on_a_pretraining_checkpoint(tmp_path, small_resnet, ca
   costs 35-50 s of compiling here; the command line adds nothing this stage
   does not share with the cached probe.
   """
-  pretrain = tiny_config()
-  pretrain.model.encoder = small_resnet
-  pretraining_workdir(tmp_path / 'bt', pretrain, step=2)
+  pretraining = tiny_config()
+  pretraining.model.encoder = small_resnet
+  pretraining_workdir(tmp_path / 'bt', pretraining, step=2)
 
   config = cifar_linear.get_config()
   config.pretrained_workdir = str(tmp_path / 'bt')
@@ -133,26 +138,30 @@ def test_stage_end_to_end_on_a_pretraining_checkpoint(tmp_path, small_resnet, ca
   config.probe.augment, config.probe.epochs, config.probe.batch_size = True, 2, 32
   config.probe.view.crop_scale = (0.2, 1.0)
   caplog.set_level(logging.INFO)
-  results = linear_eval.run(config, str(tmp_path / 'probe'))
+  results = linear.run(config, str(tmp_path / 'probe'))
 
   saved = json.loads((tmp_path / 'probe' / 'results.json').read_text())
   assert saved['linear']['top1'] == results['linear']['top1']
   assert saved['encoder'] == 'pretrained, step 2'
   assert saved['num_train'] == 100  # 20% of 500, balanced: 10 per class.
-  linear = saved['linear']
-  assert linear['augmented'] is True and linear['num_examples'] == 40
-  assert linear['view']['crop_scale'] == [0.2, 1.0] and linear['view']['jitter'] == 0.0
-  assert 0.0 <= linear['top1'] <= linear['top5'] <= 1.0
+  probe = saved['linear']
+  assert probe['augmented'] is True and probe['num_examples'] == 40
+  assert probe['view']['crop_scale'] == [0.2, 1.0] and probe['view']['jitter'] == 0.0
+  assert 0.0 <= probe['top1'] <= probe['top5'] <= 1.0
   assert saved['knn_k5']['num_examples'] == 40
   # The same probe on crop + flip views of the same 40 test images.
   assert saved['linear_aug_test']['num_examples'] == 40
   assert 0.0 <= saved['linear_aug_test']['top1'] <= 1.0
   # 100 examples in batches of 32: 3 steps per epoch, 2 epochs.
-  assert 'Augmented probe: 100 examples, 6 steps of 32 (2 epochs)' in caplog.text
-  assert 'probe epoch 2/2' in caplog.text
+  assert 'Augmented probe: 100 examples, 6 steps of 32 (2 epochs), start at 0' in caplog.text
+  assert 'step 6/6  loss' in caplog.text  # A progress line per epoch, the last one here.
+  assert (tmp_path / 'probe' / 'checkpoints' / '6').is_dir()  # In the probe's own workdir,
+  assert not (tmp_path / 'bt' / 'checkpoints' / '6').exists()  # never the pretraining one.
   table = (tmp_path / 'probe' / 'results.md').read_text()
   assert '| linear, trained on augmented views |' in table
   assert '| linear, on augmented test images (probe.view) |' in table
+
+cifar_linear = config_module('cifar_linear')
 
 
 def test_invalid_probe_settings_name_the_key(tmp_path):
@@ -161,14 +170,14 @@ def test_invalid_probe_settings_name_the_key(tmp_path):
   config.pretrained_workdir = str(tmp_path)
   config.probe.augment = True
   config.probe.batch_size = 12  # Not a multiple of the 8 test devices.
-  with pytest.raises(config_validation.ConfigError, match=r'config\.probe\.batch_size=12'):
+  with pytest.raises(errors.ConfigError, match=r'config\.probe\.batch_size=12'):
     config_validation.validate_linear(config)
   config.probe.batch_size = 16
   config.probe.view.flip = 1.5
-  with pytest.raises(config_validation.ConfigError, match=r'config\.probe\.view\.flip=1\.5'):
+  with pytest.raises(errors.ConfigError, match=r'config\.probe\.view\.flip=1\.5'):
     config_validation.validate_linear(config)
   config.probe.augment = False  # The view still makes the augmented test images.
-  with pytest.raises(config_validation.ConfigError, match=r'config\.probe\.view\.flip=1\.5'):
+  with pytest.raises(errors.ConfigError, match=r'config\.probe\.view\.flip=1\.5'):
     config_validation.validate_linear(config)
   config.probe.view.flip = 0.5
   config_validation.validate_linear(config)

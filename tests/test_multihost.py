@@ -19,11 +19,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from barlow_jax import distributed
-from barlow_jax import input_pipeline
-from barlow_jax import models
+from barlow_jax import errors
+from barlow_jax.data import pipeline
+from barlow_jax.models import factory
 from barlow_jax import optim
-from barlow_jax import train
+from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
+from barlow_jax.stages import pretrain
+from barlow_jax import trainer
 import cli_runs
 from conftest import needs_cifar10, tiny_config
 
@@ -37,24 +41,25 @@ def _reference_run(config, save_at: int, workdir):
   Returns:
     ({step: state as numpy}, {step: bt_loss}).
   """
-  data = input_pipeline.load_train_data(config)
+  data = pipeline.load_train_data(config)
   steps_per_epoch = data.num_global // config.batch_size
   total = optim.num_train_steps(config, steps_per_epoch)
   local_batch = config.batch_size // 2
   streams = []
   for i in range(2):
     split = tfds.split_for_jax_process(config.train_split, process_index=i, process_count=2)
-    half = input_pipeline.TrainData(data.builder, split, None,
+    half = pipeline.TrainData(data.builder, split, None,
                                     data.builder.info.splits[split].num_examples,
                                     data.num_global, data.spec)
-    streams.append(input_pipeline.train_dataset(half, local_batch, config.seed).as_numpy_iterator())
+    streams.append(pipeline.train_dataset(half, local_batch, config.seed).as_numpy_iterator())
 
-  mesh = train.make_mesh()
-  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  mesh = mesh_lib.make_mesh()
+  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch, total)
-  state = train.create_train_state(config, model, tx, mesh)
-  train_step = train.make_train_step(config, model, tx, mesh, schedule)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
+  train_step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
+                                  schedule, num_views=2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   states, losses = {}, {}
   for step in range(total):
     parts = [next(s) for s in streams]
@@ -63,7 +68,7 @@ def _reference_run(config, save_at: int, workdir):
     losses[step + 1] = float(metrics['bt_loss'])
     states[step + 1] = jax.device_get(state)
     if step + 1 == save_at:
-      manager = train.checkpoint_manager(workdir, config)
+      manager = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
       one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
       manager.save(save_at, args=ocp.args.StandardSave(jax.device_put(state, one_device)))
       manager.wait_until_finished()
@@ -88,7 +93,7 @@ def test_two_processes_match_one_restore_across_counts_and_stop_together_on_sigt
   run.wait_for_step(3, timeout=400)
   os.kill(cli_runs.child_with_arg(run.proc.pid, '--process_id=1'), signal.SIGTERM)
   code, stderr = run.finish(timeout=120)
-  assert code == distributed.PREEMPTED_EXIT_CODE, stderr[-4000:]
+  assert code == errors.EXIT_PREEMPTED, stderr[-4000:]
   assert 'Resuming from checkpoint step 1' in stderr
   assert 'start at 1; 8 devices, 2 processes' in stderr
   saved = re.findall(r'^Preempted \(SIGTERM\): saved checkpoint step (\d+)', stderr, re.M)

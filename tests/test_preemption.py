@@ -20,7 +20,7 @@ import signal
 import time
 
 import cli_runs
-from barlow_jax import distributed
+from barlow_jax import errors
 from conftest import needs_cifar10, tiny_config
 
 _SEED = 20261122  # Fixed, so that a failure replays with the same kill points.
@@ -77,7 +77,7 @@ def test_kill9_and_sigterm_at_random_points_resume_to_identical_parameters(tmp_p
     assert (int(resumed_from.group(1)) if resumed_from else 0) == before, log[-4000:]
     assert after >= before
     if kind == 'SIGTERM':
-      assert code == distributed.PREEMPTED_EXIT_CODE, (code, log[-4000:])
+      assert code == errors.EXIT_PREEMPTED, (code, log[-4000:])
       saved = int(re.search(r'Preempted \(SIGTERM\): saved checkpoint step (\d+)', log).group(1))
       assert saved == after >= target and not _tmp_dirs(workdir), (saved, after, target)
       assert 'Traceback' not in log

@@ -1,12 +1,23 @@
-"""Seed 000's one-command comparison: what each row runs, and the table it writes."""
+"""The one-command comparison of Ghosh, Ghosh & Das (2022): what each row runs, and its table."""
 
+from barlow_jax import config_files
 from barlow_jax import config_validation
-from barlow_jax import reproduce
+from barlow_jax.experiments import reproduce
 from conftest import DATA_DIR
 
 
+def _configs(fraction, scale, cpu_epochs, cpu_supervised_epochs, data_dir):
+  config = config_files.load('cifar_fraction_comparison')
+  config.fraction, config.scale, config.data_dir = fraction, scale, data_dir
+  config.cpu_epochs, config.cpu_supervised_epochs = cpu_epochs, cpu_supervised_epochs
+  reproduce.validate(config)
+  runs = reproduce.stage_configs(config, 'runs/x/pretrain')
+  assert runs.probe.pretrained_workdir == runs.finetune.pretrained_workdir == 'runs/x/pretrain'
+  return runs
+
+
 def test_every_run_uses_the_same_fraction_and_the_cpu_rows_the_same_encoder():
-  pre, probe, tune, base, sup = reproduce._configs(0.2, 'cpu', 7.0, 3.0, DATA_DIR)  # pylint: disable=protected-access
+  pre, probe, tune, base, sup = _configs(0.2, 'cpu', 7.0, 3.0, DATA_DIR)
   assert pre.fraction == probe.label_fraction == tune.label_fraction == base.label_fraction == 0.2
   assert pre.num_epochs == 7.0 and pre.model.encoder == 'resnet18'
   assert sorted(sup) == ['supervised', 'supervised_noaug']
@@ -19,7 +30,7 @@ def test_every_run_uses_the_same_fraction_and_the_cpu_rows_the_same_encoder():
   assert sup['supervised_noaug'].augment.view1.flip == 0.0
   config_validation.validate_pretrain(pre)
   # At full scale, seed 000's architecture and lengths.
-  pre, _, _, _, sup = reproduce._configs(0.1, 'full', 7.0, 3.0, None)  # pylint: disable=protected-access
+  pre, _, _, _, sup = _configs(0.1, 'full', 7.0, 3.0, None)
   assert (pre.model.encoder, pre.num_epochs) == ('resnet50', 1000.0)
   assert (sup['supervised'].model.encoder, sup['supervised'].num_epochs) == ('resnet50', 100.0)
 
@@ -29,7 +40,7 @@ def _metrics(micro: float, macro: float) -> dict:
 
 
 def test_table_puts_our_numbers_beside_the_seeds():
-  pre, _, _, _, sup = reproduce._configs(0.1, 'cpu', 30.0, 15.0, None)  # pylint: disable=protected-access
+  pre, _, _, _, sup = _configs(0.1, 'cpu', 30.0, 15.0, None)
   text = reproduce.table(
       0.1, pre,
       probe_results={'linear': _metrics(0.5, 0.49), 'knn_k20': _metrics(0.45, 0.44)},
@@ -40,7 +51,7 @@ def test_table_puts_our_numbers_beside_the_seeds():
                           'supervised_noaug': (sup['supervised_noaug'],
                                                {'test': _metrics(0.25, 0.24)})})
   lines = text.splitlines()
-  assert lines[0] == '# Seed 000 comparison, CIFAR-10, balanced 10% of train'
+  assert lines[0] == '# Ghosh, Ghosh & Das (2022) comparison, CIFAR-10, balanced 10% of train'
   assert '| KNN (k=5), pixels | 30.00 | 29.00 | 28.00 | 24.10 | sklearn |' in lines
   assert '| Logistic regression, pixels | 40.00 | 39.00 | 33.25 | 32.67 | sklearn |' in lines
   assert ('| Supervised from scratch, no augmentation | 25.00 | 24.00 | 13.68 | 7.03 | '

@@ -8,6 +8,7 @@ names, features and 96x96 shape, only fewer and random images. The run then
 goes through the same TFDS reading path as on the real data.
 """
 
+from conftest import config_module
 import json
 from unittest import mock
 
@@ -15,8 +16,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from barlow_jax import supervised
-from configs import stl10_supervised_bt
+from barlow_jax.stages import supervised
 
 _SIZES = {'train': 40, 'test': 30, 'unlabeled': 48}
 
@@ -45,6 +45,8 @@ def stl10_data_dir(tmp_path_factory):
                          return_value=str(root)):
     tfds.builder('stl10', data_dir=str(data_dir)).download_and_prepare()
   return str(data_dir)
+
+stl10_supervised_bt = config_module('stl10_supervised_bt')
 
 
 def _tiny_stl10_config(data_dir: str, gamma: float, encoder: str):

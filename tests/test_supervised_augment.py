@@ -4,14 +4,16 @@ import jax
 import numpy as np
 import pytest
 
-from barlow_jax import augment
+from barlow_jax import errors
+from barlow_jax.data import augment
 from barlow_jax import config_validation
-from barlow_jax import supervised
-from configs import cifar_finetune
-from configs import cifar_supervised
-from configs import cifar_supervised_bt
-from configs import stl10_supervised_bt
-from conftest import tiny_supervised_config
+from barlow_jax.stages import supervised
+from conftest import config_module, tiny_supervised_config
+
+cifar_finetune = config_module('cifar_finetune')
+cifar_supervised = config_module('cifar_supervised')
+cifar_supervised_bt = config_module('cifar_supervised_bt')
+stl10_supervised_bt = config_module('stl10_supervised_bt')
 
 N = 256
 
@@ -106,6 +108,7 @@ def test_unknown_config_argument_names_the_choices():
     ('model.embedding', '12-x', r'config.model.embedding'),
     ('eval.aug_view', 'view3', r"config.eval.aug_view='view3'"),
     ('optimizer.head_lr', -0.1, r'config.optimizer.head_lr=-0.1'),
+
 ])
 def test_invalid_values_name_the_key(key, value, message):
   config = tiny_supervised_config()
@@ -114,12 +117,12 @@ def test_invalid_values_name_the_key(key, value, message):
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(config_validation.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     config_validation.validate_supervised(config)
 
 
 def test_bt_term_needs_two_branches():
   config = tiny_supervised_config()
   config.num_branches = 1
-  with pytest.raises(config_validation.ConfigError, match='num_branches=2'):
+  with pytest.raises(errors.ConfigError, match='num_branches=2'):
     config_validation.validate_supervised(config)

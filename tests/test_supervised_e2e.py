@@ -8,14 +8,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from barlow_jax import evaluate
-from barlow_jax import finetune
-from barlow_jax import models
-from barlow_jax import supervised
-from barlow_jax import train
-from configs import cifar_finetune
-from conftest import (DATA_DIR, assert_png_not_blank, needs_cifar10, pretraining_workdir,
+from barlow_jax.stages import finetune
+from barlow_jax.models import factory
+from barlow_jax.stages import supervised
+from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.stages import pretrain
+from conftest import (config_module, DATA_DIR, assert_png_not_blank, needs_cifar10, pretraining_workdir,
                       tiny_config, tiny_supervised_config)
+
+cifar_finetune = config_module('cifar_finetune')
 
 
 @needs_cifar10
@@ -40,10 +42,10 @@ def test_supervised_run_writes_results_and_plots(tmp_path, small_resnet):
 
 @needs_cifar10
 def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
-  pretrain = tiny_config()
-  pretrain.model.encoder = small_resnet
-  pretrain.seed = 1  # Another initialisation than the fine-tuning model's own (seed 0).
-  pretraining_workdir(tmp_path / 'bt', pretrain, step=2)
+  pretraining = tiny_config()
+  pretraining.model.encoder = small_resnet
+  pretraining.seed = 1  # Another initialisation than the fine-tuning model's own (seed 0).
+  pretraining_workdir(tmp_path / 'bt', pretraining, step=2)
 
   config = cifar_finetune.get_config()
   config.pretrained_workdir = str(tmp_path / 'bt')
@@ -67,12 +69,12 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
 
   # Three steps at the backbone's small lr leave it next to the pretrained
   # encoder, far from a fresh initialisation of the same architecture.
-  _, pretrained, _ = evaluate.restore_encoder(pretrain, str(tmp_path / 'bt'))
-  manager = train.checkpoint_manager(str(tmp_path / 'ft'), config)
+  pretrained = pretrain.load_pretrained(str(tmp_path / 'bt'), mesh_lib.make_mesh()).variables
+  manager = checkpoint.manager(str(tmp_path / 'ft'), config.checkpoint.max_to_keep)
   tuned = manager.restore(3, args=ocp.args.StandardRestore())['params']['backbone']
   fresh_config = tiny_config()
   fresh_config.model.encoder = small_resnet
-  fresh = models.create_model(fresh_config).init(
+  fresh = factory.create_model(fresh_config).init(
       jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)['params']['backbone']
   distance = lambda a, b: float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
   to_pretrained = distance(tuned, jax.device_get(pretrained['params']['backbone']))

@@ -4,12 +4,14 @@ import jax
 import numpy as np
 import pytest
 
-from barlow_jax import augment
-from barlow_jax import input_pipeline
-from barlow_jax import models
+from barlow_jax.data import augment
+from barlow_jax.data import datasets
+from barlow_jax.models import factory
 from barlow_jax import optim
-from barlow_jax import supervised
-from barlow_jax import train
+from barlow_jax.stages import supervised
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
+from barlow_jax import trainer
 from conftest import tiny_supervised_config
 
 
@@ -22,13 +24,15 @@ def _batch(num_unlabelled: int = 0):
 
 def _one_step(config, devices, batch):
   """(initial state, state after one step, metrics), all on the host."""
-  mesh = train.make_mesh(devices)
-  model = models.create_supervised_model(config, axis_name=train.DATA_AXIS)
+  mesh = mesh_lib.make_mesh(devices)
+  model = factory.create_supervised_model(config, axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=20)
-  state = train.create_train_state(config, model, tx, mesh)
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
   initial = jax.device_get(state)  # Before the step donates it.
-  step = supervised.make_train_step(config, model, tx, mesh, schedule)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  step = trainer.make_train_step(
+      config, supervised.make_loss_fn(model, config.gamma, config.lambd), tx, mesh, schedule,
+      num_views=config.num_branches)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
   return initial, jax.device_get(state), jax.device_get(metrics)
 
@@ -53,9 +57,9 @@ def _numpy_barlow_twins(z1, z2, lambd, eps=1e-5):
 
 def _reference(config, state, batch):
   """CE1, CE2 and BT of one step, recomputed on one device outside the step."""
-  model = models.create_supervised_model(config)  # No axis name: one device.
-  spec = input_pipeline.dataset_spec(config.dataset)
-  keys1, keys2 = supervised.branch_keys(state.rng, state.step, len(batch['label']))
+  model = factory.create_supervised_model(config)  # No axis name: one device.
+  spec = datasets.dataset_spec(config.dataset)
+  keys1, keys2 = trainer.view_keys(state.rng, state.step, len(batch['label']), num_views=2)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   outs = []
   for keys, name in ((keys1, 'view1'), (keys2, 'view2')):
@@ -126,15 +130,21 @@ def test_head_gets_its_own_group_only_when_head_lr_is_set():
   assert groups['backbone'] == {'conv': 'weights', 'bn': 'norm_and_bias'}
 
 
-def test_with_backbone_replaces_only_the_encoder():
-  state = train.TrainState(
-      step=0, rng=None, opt_state=None,
-      params={'backbone': {'w': np.zeros(2)}, 'classifier': {'w': np.zeros(3)}},
-      batch_stats={'backbone': {'mean': np.zeros(2)}})
-  pretrained = {'params': {'backbone': {'w': np.ones(2)}, 'head': {'w': np.ones(5)}},
-                'batch_stats': {'backbone': {'mean': np.full(2, 7.0)}}}
-  state = supervised.with_backbone(state, pretrained)
-  np.testing.assert_array_equal(state.params['backbone']['w'], np.ones(2))
-  np.testing.assert_array_equal(state.params['classifier']['w'], np.zeros(3))
-  np.testing.assert_array_equal(state.batch_stats['backbone']['mean'], np.full(2, 7.0))
+def test_fresh_state_takes_only_the_encoder_of_pretrained_variables(small_resnet):
+  config = tiny_supervised_config()
+  config.model.encoder = small_resnet
+  model = factory.create_supervised_model(config)
+  tx = optim.create_optimizer(config, 10, 20)[0]
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  fresh = state_lib.create_train_state(model, tx, mesh, config.seed, 32)
+  pretrained = jax.tree.map(lambda x: x + 7.0, {'params': dict(fresh.params),
+                                                'batch_stats': dict(fresh.batch_stats)})
+  pretrained['params']['head'] = {'w': np.ones(5)}  # A projector: not taken.
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, 32, pretrained)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b + 7.0),
+               state.params['backbone'], fresh.params['backbone'])
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b + 7.0),
+               state.batch_stats['backbone'], fresh.batch_stats['backbone'])
+  jax.tree.map(np.testing.assert_array_equal, state.params['classifier'],
+               fresh.params['classifier'])
   assert 'head' not in state.params

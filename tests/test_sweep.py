@@ -6,8 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from barlow_jax import config_files
+from barlow_jax import errors
 from barlow_jax import plots
-from barlow_jax import sweep
+from barlow_jax.experiments import sweep
 from conftest import assert_png_not_blank, tiny_supervised_config
 
 GAMMAS = (0.0, 1e-3, 1e-2)
@@ -95,3 +97,14 @@ def test_embedding_plot_is_written_and_not_blank(tmp_path, method):
   plots.embeddings_png([(points, labels, 'a'), (points[::-1], labels, 'b')], str(path),
                        [f'c{i}' for i in range(10)], 'title')
   assert_png_not_blank(path)
+
+
+def test_sweep_config_names_the_run_config_and_is_validated():
+  config = config_files.load('supervised_bt_sweep', 'stl10_supervised_bt')
+  assert config.mode == 'sweep' and config.run.dataset == 'stl10'
+  config = config_files.load('supervised_bt_sweep', 'cifar_supervised_bt:vgg16,crop')
+  assert (config.run.model.encoder, config.run.ablation) == ('vgg16', 'crop')
+  sweep.validate(config)
+  config.gammas = (0.0, -1.0)
+  with pytest.raises(errors.ConfigError, match=r'config\.gammas=\(0\.0, -1\.0\)'):
+    sweep.validate(config)

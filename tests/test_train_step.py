@@ -4,20 +4,25 @@ import jax
 import numpy as np
 import pytest
 
+from barlow_jax import errors
 from barlow_jax import config_validation
-from barlow_jax import models
+from barlow_jax.models import factory
 from barlow_jax import optim
-from barlow_jax import train
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
+from barlow_jax.stages import pretrain
+from barlow_jax import trainer
 from conftest import tiny_config
 
 
 def _one_step(config, devices, batch):
-  mesh = train.make_mesh(devices)
-  model = models.create_model(config, axis_name=train.DATA_AXIS)
+  mesh = mesh_lib.make_mesh(devices)
+  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=20)
-  state = train.create_train_state(config, model, tx, mesh)
-  step = train.make_train_step(config, model, tx, mesh, schedule)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(train.DATA_AXIS))
+  state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
+  step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
+                                  schedule, num_views=2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
   return jax.device_get(state), jax.device_get(metrics)
 
@@ -35,9 +40,9 @@ def test_eight_devices_match_one():
   for key in ('bt_loss', 'on_diag', 'off_diag', 'probe_loss', 'grad_norm'):
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-5, err_msg=key)
   # Parameters moved, and moved the same way.
-  init = jax.device_get(train.create_train_state(
-      config, models.create_model(config), optim.create_optimizer(config, 10, 20)[0],
-      train.make_mesh(jax.devices()[:1])))
+  init = jax.device_get(state_lib.create_train_state(
+      factory.create_model(config), optim.create_optimizer(config, 10, 20)[0],
+      mesh_lib.make_mesh(jax.devices()[:1]), config.seed, config.augment.crop_size))
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), state1.params, init.params))
   assert max(moved) > 1e-4
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
@@ -50,7 +55,7 @@ def test_eight_devices_match_one():
 def test_batch_not_divisible_by_devices_is_a_config_error():
   config = tiny_config()
   config.batch_size = 12  # 8 devices.
-  with pytest.raises(config_validation.ConfigError, match=r'batch_size=12.*device count \(8\)'):
+  with pytest.raises(errors.ConfigError, match=r'batch_size=12.*device count \(8\)'):
     config_validation.validate_pretrain(config)
 
 
@@ -72,5 +77,5 @@ def test_invalid_values_name_the_key(key, value, message):
   for p in parents:
     node = node[p]
   node[leaf] = value
-  with pytest.raises(config_validation.ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     config_validation.validate_pretrain(config)

@@ -1,7 +1,7 @@
-r"""A gamma x seed grid of supervised runs and a table shaped like seed 001's Table 4.2.
+r"""A gamma x seed grid of supervised runs, and a table shaped like Ramyaa (2022)'s Table 4.2.
 
-  python -m barlow_jax.sweep --config=configs/cifar_supervised_bt.py \
-      --gammas=0,1e-4,1e-3,1e-2 --seeds=3 --workdir=runs/sweep [--config.key=value ...]
+  python -m barlow_jax.main --config=configs/supervised_bt_sweep.py --workdir=runs/sweep \
+      --config.gammas=0,1e-4,1e-3,1e-2 --config.num_seeds=3 [--config.run.key=value ...]
 
 Each run has its own workdir, ``<workdir>/gamma_<g>/seed_<s>``; a run whose
 results.json exists is read back instead of trained, and an unfinished one
@@ -14,22 +14,19 @@ runs' saved 2-D embeddings, ``embeddings_{pca,tsne}.png`` with gamma = 0 next
 to the best gamma.
 """
 
-import json
 import math
 import os
-import sys
 from typing import Callable, Optional, Sequence
 
-from absl import app
-from absl import flags
 from absl import logging
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from barlow_jax import config_validation
 from barlow_jax import plots
-from barlow_jax import supervised
+from barlow_jax.errors import ConfigError
+from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.stages import supervised
 
 METRICS = (('train_accuracy', 'Train Acc'), ('test_accuracy', 'Test Acc - test data'),
            ('aug_test_accuracy', 'Test Acc - aug test data'))
@@ -58,11 +55,10 @@ def run_sweep(config, gammas: Sequence[float], num_seeds: int, workdir: str,
   for seed in seeds:
     for gamma in gammas:
       directory = run_dir(workdir, gamma, seed)
-      done = os.path.join(directory, 'results.json')
-      if os.path.exists(done):
-        logging.info('gamma %g seed %d: finished before, reading %s.', gamma, seed, done)
-        with open(done) as f:
-          runs[(gamma, seed)] = json.load(f)
+      finished = workdir_lib.read_results(directory)
+      if finished is not None:
+        logging.info('gamma %g seed %d: finished before, reading %s.', gamma, seed, directory)
+        runs[(gamma, seed)] = finished
         continue
       logging.info('gamma %g seed %d: running in %s.', gamma, seed, directory)
       run_config = ml_collections.ConfigDict(config.to_dict())
@@ -178,44 +174,27 @@ def compare_figures(summary: dict, workdir: str, class_names=None) -> list[str]:
 
 def _write(summary: dict, config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
-  first = run_dir(workdir, summary['gammas'][0], summary['seeds'][0])
-  class_names = None
-  if os.path.exists(os.path.join(first, 'results.json')):
-    with open(os.path.join(first, 'results.json')) as f:
-      class_names = json.load(f).get('class_names')
+  first = workdir_lib.read_results(run_dir(workdir, summary['gammas'][0], summary['seeds'][0]))
+  class_names = first.get('class_names') if first else None
   summary['figures'] = compare_figures(summary, workdir, class_names)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(markdown(summary, config))
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump({**summary, 'config': config.to_dict()}, f, indent=2)
+  workdir_lib.write_results(workdir, {**summary, 'config': config.to_dict()},
+                            markdown(summary, config))
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'The sweep directory; one sub-directory per run.')
-flags.DEFINE_list('gammas', ['0', '1e-4', '1e-3', '1e-2'], 'Gamma values; 0 is the baseline.')
-flags.DEFINE_integer('seeds', 3, 'Number of seeds per gamma (config.seed, config.seed + 1, ...).')
-config_flags.DEFINE_config_file('config', None, 'A supervised config file.', lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+def validate(config) -> None:
+  """Checks a sweep config (configs/supervised_bt_sweep.py); raises ConfigError."""
+  gammas = [float(g) for g in config.gammas]
+  if not gammas or any(g < 0 for g in gammas) or len(set(gammas)) < len(gammas):
+    raise ConfigError(
+        f'config.gammas={tuple(config.gammas)} must be distinct values >= 0.')
+  if config.num_seeds < 1:
+    raise ConfigError(f'config.num_seeds={config.num_seeds} must be >= 1.')
+  config_validation.validate_supervised(config.run)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.experimental.set_visible_devices([], 'GPU')  # tf.data only.
-  try:
-    gammas = [float(g) for g in FLAGS.gammas]
-    if any(g < 0 for g in gammas) or len(set(gammas)) < len(gammas) or FLAGS.seeds < 1:
-      raise ValueError(f'--gammas={FLAGS.gammas} must be distinct and >= 0, '
-                       f'--seeds={FLAGS.seeds} >= 1.')
-    config_validation.validate_supervised(FLAGS.config)
-  except ValueError as e:  # ConfigError is a ValueError.
-    logging.error('Invalid sweep: %s', e)
-    print(f'Invalid sweep: {e}', file=sys.stderr)
-    sys.exit(2)
-  summary = run_sweep(FLAGS.config, gammas, FLAGS.seeds, FLAGS.workdir)
-  print(markdown(summary, FLAGS.config))
-
-
-if __name__ == '__main__':
-  app.run(main)
+def run(config, workdir: str) -> dict:
+  """The sweep of a sweep config: every (gamma, seed) of ``config.run``; the summary."""
+  validate(config)
+  summary = run_sweep(config.run, [float(g) for g in config.gammas], config.num_seeds, workdir)
+  print(markdown(summary, config.run))
+  return summary

@@ -8,7 +8,7 @@
   is the same code for one process or many: each process reads its own TFDS
   split, batches become global arrays, Orbax saves and restores collectively.
 * Preemption: SIGTERM asks the training loop to save a checkpoint and stop
-  (``preemption_requested``, ``Preempted``). Several processes must save at
+  (``preemption_requested``, ``errors.Preempted``). Several processes must save at
   the same step; JAX's preemption sync manager (started by
   ``jax.distributed.initialize``, listening for SIGTERM) agrees on that step.
   A single process without the distributed runtime uses its own SIGTERM
@@ -35,25 +35,13 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-# The exit status of a run stopped by SIGTERM after saving its checkpoint:
-# EX_TEMPFAIL from sysexits.h ("temporary failure; the user is invited to
-# retry"). Not 0, so that a scheduler or a retry loop can tell a preempted run
-# from a finished one; launch/slurm_gpu.sbatch requeues the job on it.
-PREEMPTED_EXIT_CODE = 75
+from barlow_jax.errors import WorkdirError
 
 LOCK_FILE = '.lock'
 
 _sigterm = threading.Event()
 _loop_running = False  # A training loop is polling preemption_requested.
 _barriers = itertools.count()
-
-
-class Preempted(Exception):
-  """The run saved a checkpoint and stopped because of SIGTERM; rerun to resume."""
-
-
-class WorkdirError(OSError):
-  """The workdir cannot be used: not writable, or held by another live run."""
 
 
 def _on_sigterm(signum, frame) -> None:

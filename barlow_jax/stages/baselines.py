@@ -1,4 +1,4 @@
-"""Classical baselines of seed 000 (Table 1) on raw pixels of a balanced fraction.
+"""Classical baselines of Ghosh, Ghosh & Das (2022, Table 1) on raw pixels of a balanced fraction.
 
   python -m barlow_jax.main --config=configs/cifar_baselines.py \
       --config.label_fraction=0.1 --workdir=runs/base10
@@ -9,7 +9,6 @@ same class-balanced subset that pretraining with the same fraction_seed uses,
 and scored on the whole test split. Writes results.json and results.md.
 """
 
-import json
 import os
 import time
 
@@ -18,20 +17,22 @@ import numpy as np
 from sklearn import ensemble
 from sklearn import linear_model
 from sklearn import neighbors
-from sklearn import pipeline
+from sklearn import pipeline as sk_pipeline
 from sklearn import preprocessing
 
 from barlow_jax import config_validation
-from barlow_jax import evaluate
-from barlow_jax import input_pipeline
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+from barlow_jax.evaluators import metrics
+from barlow_jax.runtime import workdir as workdir_lib
 
 
 def load_pixels(config, split: str):
   """All images of a split as flat float32 pixels in [0, 1], with labels, in TFDS order."""
-  spec = input_pipeline.dataset_spec(config.dataset)
-  builder = input_pipeline.get_builder(config.dataset, config.data_dir, config.download)
+  spec = datasets.dataset_spec(config.dataset)
+  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
   images, labels = [], []
-  for batch in input_pipeline.eval_batches(builder, spec, split, 1000):
+  for batch in pipeline.eval_batches(builder, spec, split, 1000):
     images.append(batch['image'][batch['mask']])
     labels.append(batch['label'][batch['mask']])
   images = np.concatenate(images)
@@ -39,7 +40,7 @@ def load_pixels(config, split: str):
 
 
 def classifiers(config) -> dict:
-  scaled = lambda clf: pipeline.make_pipeline(preprocessing.StandardScaler(), clf)
+  scaled = lambda clf: sk_pipeline.make_pipeline(preprocessing.StandardScaler(), clf)
   return {
       'knn_k5': scaled(neighbors.KNeighborsClassifier(n_neighbors=5, n_jobs=-1)),
       # The inverse regularisation strength C is chosen by stratified k-fold
@@ -59,9 +60,9 @@ def run(config, workdir: str) -> dict:
   """Fits and scores config.methods; writes and returns the results dict."""
   config_validation.validate_baselines(config)
   os.makedirs(workdir, exist_ok=True)
-  spec = input_pipeline.dataset_spec(config.dataset)
+  spec = datasets.dataset_spec(config.dataset)
   train_x, train_y = load_pixels(config, config.train_split)
-  keep = input_pipeline.balanced_subset(train_y, config.label_fraction, spec.num_classes,
+  keep = pipeline.balanced_subset(train_y, config.label_fraction, spec.num_classes,
                                         config.fraction_seed)
   train_x, train_y = train_x[keep], train_y[keep]
   test_x, test_y = load_pixels(config, spec.test_split)
@@ -73,18 +74,15 @@ def run(config, workdir: str) -> dict:
     t0 = time.time()
     clf.fit(train_x, train_y)
     scores = clf.predict_proba(test_x)
-    results[name] = evaluate.classification_metrics(scores, test_y, spec.num_classes)
+    results[name] = metrics.classification_metrics(scores, test_y, spec.num_classes)
     results[name]['seconds'] = time.time() - t0
     if name == 'logistic_regression':
       results[name]['chosen_c'] = float(clf[-1].C_)
     logging.info('%s: top-1 %.4f (%.0f s)', name, results[name]['top1'], time.time() - t0)
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
   lines = [f"# Raw-pixel baselines, {config.dataset}, {results['num_train']} training images "
            f"(balanced fraction {config.label_fraction})", '',
            '| method | top-1 | micro | macro-F1 |', '|---|---|---|---|']
   lines += [f"| {k} | {100 * v['top1']:.2f} | {100 * v['micro']:.2f} | {100 * v['macro']:.2f} |"
             for k, v in results.items() if isinstance(v, dict)]
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')
   return results

@@ -1,7 +1,7 @@
-"""TFDS input: per-process split, balanced label fractions, resumable batches.
+"""TFDS input: per-process split, balanced label fractions, resumable batches, padded eval batches.
 
 The host only reads, decodes and batches uint8 images; both views are made on
-the device (augment.py). The training stream is a pure function of
+the device (data/augment.py). The training stream is a pure function of
 ``(seed, step)``: epoch ``e`` is the process's shard shuffled with seed
 ``seed + e``, and a run resumed at step ``s`` skips exactly the records that
 steps ``0..s-1`` consumed, so a resumed run sees the same data in the same
@@ -17,58 +17,11 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from barlow_jax.data import datasets
+from barlow_jax.errors import ConfigError
+
 # The train stream is Dataset.range(first_epoch, _MAX_EPOCHS); effectively endless.
 _MAX_EPOCHS = 1 << 40
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """What the pipeline needs to know about a TFDS dataset."""
-  tfds_name: str
-  num_classes: int
-  image_size: int  # Side of the square image handed to the device.
-  mean: tuple[float, float, float]  # Per-channel, in [0, 1] units.
-  std: tuple[float, float, float]
-  test_split: str = 'test'
-  fixed_size: bool = True  # False: variable-size images, resized on the host.
-
-
-DATASETS = {
-    'cifar10': DatasetSpec('cifar10', 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': DatasetSpec('cifar100', 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'stl10': DatasetSpec('stl10', 10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    # ImageNet images are resized (shorter side) and centre-cropped to 256 on
-    # the host; the random-resized crop to 224 happens on the device.
-    'imagenet2012': DatasetSpec('imagenet2012', 1000, 256, (0.485, 0.456, 0.406),
-                                (0.229, 0.224, 0.225), test_split='validation', fixed_size=False),
-}
-
-
-def dataset_spec(name: str) -> DatasetSpec:
-  if name not in DATASETS:
-    raise ValueError(f'config.dataset={name!r} is not one of {sorted(DATASETS)}.')
-  return DATASETS[name]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """The dataset is not prepared in the data dir and downloading is off."""
-
-
-def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder; downloads only when allowed and missing.
-
-  Raises:
-    DatasetNotFoundError: not prepared in ``data_dir`` and ``download`` is False.
-  """
-  spec = dataset_spec(name)
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
-  if not builder.is_prepared():
-    if not download:
-      raise DatasetNotFoundError(
-          f'Dataset {spec.tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
-          '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
-    builder.download_and_prepare()
-  return builder
 
 
 def _scan_labels(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -85,17 +38,15 @@ def balanced_subset(labels: np.ndarray, fraction: float, num_classes: int, seed:
 
   Each class contributes ``floor(fraction * len(labels) / num_classes)``
   examples, drawn without replacement by ``seed``; e.g. 10% of CIFAR-10 train
-  is 500 per class (seed 000 takes 10% of all 60k images, 600 per class).
+  is 500 per class (Ghosh, Ghosh & Das (2022) take 10% of all 60k images, 600 per class).
 
   Returns:
     Sorted indices into ``labels``.
   """
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'config.fraction={fraction} must be in (0, 1].')
   per_class = int(fraction * len(labels) / num_classes)
   counts = np.bincount(labels[labels >= 0], minlength=num_classes)
   if per_class < 1 or per_class > counts.min():
-    raise ValueError(f'config.fraction={fraction} asks for {per_class} examples per class; '
+    raise ConfigError(f'config.fraction={fraction} asks for {per_class} examples per class; '
                      f'the split has between {counts.min()} and {counts.max()} per class.')
   rng = np.random.default_rng(seed)
   chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
@@ -111,20 +62,20 @@ class TrainData:
   subset_ids: Optional[np.ndarray]  # tfds_ids kept by the balanced fraction; None: all.
   num_local: int  # Examples in this process's shard.
   num_global: int  # Examples over all processes.
-  spec: DatasetSpec
+  spec: datasets.DatasetSpec
 
 
 def load_train_data(config) -> TrainData:
   """Resolves the dataset, the per-process split and the balanced fraction."""
-  spec = dataset_spec(config.dataset)
-  builder = get_builder(config.dataset, config.data_dir, config.download)
+  spec = datasets.dataset_spec(config.dataset)
+  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
   local_split = tfds.split_for_jax_process(config.train_split)
   if config.fraction >= 1.0:
     return TrainData(builder, local_split, None, builder.info.splits[local_split].num_examples,
                      builder.info.splits[config.train_split].num_examples, spec)
   ids, labels = _scan_labels(builder, config.train_split)
   if (labels < 0).all():
-    raise ValueError(f'config.fraction={config.fraction} needs labels, but split '
+    raise ConfigError(f'config.fraction={config.fraction} needs labels, but split '
                      f'{config.train_split!r} is unlabelled.')
   keep = ids[balanced_subset(labels, config.fraction, spec.num_classes, config.fraction_seed)]
   # One process reads the whole split: no second pass over it (~7 s for CIFAR-10 train).
@@ -173,7 +124,7 @@ def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int 
   per-epoch shuffles, so it depends only on (seed, s): resuming is exact.
   """
   if data.num_local < local_batch:
-    raise ValueError(f'This process has {data.num_local} training examples, fewer than its '
+    raise ConfigError(f'This process has {data.num_local} training examples, fewer than its '
                      f'batch of {local_batch} (config.batch_size / process count).')
   records = _records(data)
   if cache:  # Encoded bytes: 150 MB for CIFAR; turn off for ImageNet-sized data.
@@ -190,7 +141,7 @@ def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int 
   return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
-def eval_batches(builder, spec: DatasetSpec, split: str, local_batch: int,
+def eval_batches(builder, spec: datasets.DatasetSpec, split: str, local_batch: int,
                  num_batches: Optional[int] = None) -> Iterator[dict]:
   """One pass over this process's share of ``split``, every example exactly once.
 

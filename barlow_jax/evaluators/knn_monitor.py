@@ -1,10 +1,10 @@
-"""Online kNN accuracy during pretraining: a hook for train.run_steps.
+"""Online kNN accuracy during pretraining: a hook for the training loop (runtime/loop.py).
 
 Every ``config.knn_monitor.every_epochs`` epochs (converted to steps once)
 and at the last step, the hook encodes a memory bank (``train_split``) and
 test images (``test_split``) with the current weights, frozen and BatchNorm
 in inference mode, and scores the test images by weighted kNN
-(evaluate.knn_scores: cosine similarity, k nearest, exp(s / T) votes). It
+(evaluators/knn.py: cosine similarity, k nearest, exp(s / T) votes). It
 runs outside the jitted train step, on every process (the features are
 gathered from all of them), and returns ``{'monitor/knn_top1': accuracy}``
 for the loop to log.
@@ -19,10 +19,11 @@ from typing import Callable, Optional
 from absl import logging
 import numpy as np
 
-from barlow_jax import config_validation
-from barlow_jax import evaluate
-from barlow_jax import input_pipeline
-from barlow_jax import models
+from barlow_jax.data import datasets
+from barlow_jax.errors import ConfigError
+from barlow_jax.evaluators import knn
+from barlow_jax.evaluators import predict
+from barlow_jax.models import factory
 
 METRIC = 'monitor/knn_top1'
 
@@ -44,37 +45,35 @@ def _num_examples(builder, split: str, key: str) -> int:
   try:
     return builder.info.splits[split].num_examples
   except (KeyError, ValueError, AssertionError) as e:
-    raise config_validation.ConfigError(
+    raise ConfigError(
         f'config.knn_monitor.{key}={split!r} is not a split of {builder.name} '
         f'({sorted(builder.info.splits)}): {e}') from None
 
 
-def knn_top1(config, model, variables, mesh, feature_fn=None) -> float:
+def knn_top1(config, variables, mesh, predict_fn: predict.PredictFn) -> float:
   """kNN top-1 accuracy of ``variables`` on config.knn_monitor's splits.
 
   Args:
     config: a pretraining config with a knn_monitor block.
-    model: the BarlowTwinsModel, without axis_name.
     variables: {'params', 'batch_stats'}, replicated over ``mesh``.
     mesh: the data mesh.
-    feature_fn: from evaluate.make_feature_fn (None builds, and compiles, one).
+    predict_fn: from predict.make_predict_fn, compiled once for every call.
 
   Returns:
     The fraction of test examples whose highest-scoring class is their label.
   """
   m = config.knn_monitor
-  num_classes = input_pipeline.dataset_spec(config.dataset).num_classes
-  extract = lambda split: evaluate.extract_features(config, model, variables, split,
-                                                    config.batch_size, mesh, feature_fn)
-  bank_x, bank_y = extract(m.train_split)
-  test_x, test_y = extract(m.test_split)
-  scores = evaluate.knn_scores(bank_x, bank_y, test_x, num_classes, m.k, m.temperature)
-  return float(np.mean(scores.argmax(1) == test_y))
+  num_classes = datasets.dataset_spec(config.dataset).num_classes
+  bank, test = (predict.predict_split(config, predict_fn, variables, split, config.batch_size,
+                                      mesh) for split in (m.train_split, m.test_split))
+  scores = knn.knn_scores(bank['features'], bank['label'], test['features'], num_classes, m.k,
+                          m.temperature)
+  return float(np.mean(scores.argmax(1) == test['label']))
 
 
 def make_hook(config, steps_per_epoch: int, total_steps: int,
               mesh) -> Optional[Callable[[int, object], Optional[dict]]]:
-  """The kNN monitor as a run_steps hook, or None when it is off (or absent).
+  """The kNN monitor as a loop.run_steps hook, or None when it is off (or absent).
 
   Checks the splits against the dataset's metadata now, before anything
   compiles, so that a typo fails at the start and not after the first epoch.
@@ -90,22 +89,22 @@ def make_hook(config, steps_per_epoch: int, total_steps: int,
     does not run), or None.
 
   Raises:
-    config_validation.ConfigError: a split that does not exist, or a bank
+    ConfigError: a split that does not exist, or a bank
       smaller than k.
   """
   m = config.get('knn_monitor')
   period = every_steps(m.every_epochs, steps_per_epoch) if m is not None else 0
   if period == 0:
     return None
-  builder = input_pipeline.get_builder(config.dataset, config.data_dir, config.download)
+  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
   bank = _num_examples(builder, m.train_split, 'train_split')
   _num_examples(builder, m.test_split, 'test_split')
   if bank < m.k:
-    raise config_validation.ConfigError(
+    raise ConfigError(
         f'config.knn_monitor.k={m.k} is larger than the memory bank '
         f'config.knn_monitor.train_split={m.train_split!r} ({bank} examples).')
-  model = models.create_model(config)  # No axis_name: inference only, outside shard_map.
-  feature_fn = evaluate.make_feature_fn(config, model)  # Compiled once for every call.
+  model = factory.create_model(config)  # No axis_name: inference only, outside shard_map.
+  predict_fn = predict.make_predict_fn(config, model, outputs=('features',))
   logging.info('kNN monitor every %d steps and at step %d: bank %r (%d), test %r, k=%d.',
                period, total_steps, m.train_split, bank, m.test_split, m.k)
 
@@ -114,7 +113,7 @@ def make_hook(config, steps_per_epoch: int, total_steps: int,
       return None
     t0 = time.time()
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    top1 = knn_top1(config, model, variables, mesh, feature_fn)
+    top1 = knn_top1(config, variables, mesh, predict_fn)
     logging.info('step %d: kNN (k=%d) top-1 %.4f on %r (%.1f s).', step, m.k, top1,
                  m.test_split, time.time() - t0)
     return {METRIC: top1}

@@ -5,7 +5,7 @@
 
 The architecture comes from <pretrained_workdir>/config.json and the encoder
 weights (params and BatchNorm statistics) from its Orbax checkpoint
-(evaluate.restore_encoder); the projector is dropped and a new linear
+(stages/pretrain.load_pretrained); the projector is dropped and a new linear
 classifier reads the encoder's features. The whole network is then trained
 by the supervised stage with one branch, the classifier at its own learning
 rate (``optimizer.head_lr``), on a class-balanced ``label_fraction`` of the
@@ -16,12 +16,12 @@ macro-F1 on train, test and augmented test) like every supervised run.
 import ml_collections
 
 from barlow_jax import config_validation
-from barlow_jax import evaluate
-from barlow_jax import supervised
-from barlow_jax import train
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.stages import pretrain
+from barlow_jax.stages import supervised
 
 
-def supervised_config(config, pretrain_config) -> ml_collections.ConfigDict:
+def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   """The supervised config of the fine-tuning run.
 
   Dataset and encoder architecture come from the pretraining config;
@@ -29,25 +29,24 @@ def supervised_config(config, pretrain_config) -> ml_collections.ConfigDict:
 
   Args:
     config: the fine-tuning config (configs/cifar_finetune.py).
-    pretrain_config: the pretraining workdir's config.
+    pretrained_config: the pretraining workdir's config.
 
   Returns:
     A new, unlocked ConfigDict for supervised.run.
   """
-  sup = ml_collections.ConfigDict(config.to_dict())
-  pre = pretrain_config
-  sup.dataset = pre.dataset
+  result = ml_collections.ConfigDict(config.to_dict())
+  result.dataset = pretrained_config.dataset
   for key in ('data_dir', 'download'):  # Where the data is may differ from pretraining.
-    if sup.get(key) is None:
-      sup[key] = pre[key]
-  sup.fraction = config.label_fraction
-  sup.model = ml_collections.ConfigDict({
-      'encoder': pre.model.encoder, 'width': pre.model.width, 'stem': pre.model.stem,
-      'dtype': pre.model.dtype,
+    if result[key] is None:
+      result[key] = pretrained_config[key]
+  result.fraction = config.label_fraction
+  m = pretrained_config.model
+  result.model = ml_collections.ConfigDict({
+      'encoder': m.encoder, 'width': m.width, 'stem': m.stem, 'dtype': m.dtype,
       'feature_dim': 0,  # The classifier reads the encoder output, as in the paper.
       'embedding': ''})
-  sup.augment.crop_size = pre.augment.crop_size
-  return sup
+  result.augment.crop_size = pretrained_config.augment.crop_size
+  return result
 
 
 def run(config, workdir: str) -> dict:
@@ -57,10 +56,10 @@ def run(config, workdir: str) -> dict:
     The results dict (also written to ``workdir``/results.json).
   """
   config_validation.validate_finetune(config)
-  pre = evaluate.load_pretrain_config(config.pretrained_workdir)
-  sup = supervised_config(config, pre)
-  _, variables, step = evaluate.restore_encoder(pre, config.pretrained_workdir,
-                                                config.get('checkpoint_step'), train.make_mesh())
-  source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(step),
+  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh_lib.make_mesh(),
+                                     config.checkpoint_step,
+                                     {'data_dir': config.data_dir, 'download': config.download})
+  source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
-  return supervised.run(sup, workdir, init_variables=variables, extra_results=source)
+  return supervised.run(supervised_config(config, encoder.config), workdir,
+                        init_variables=encoder.variables, extra_results=source)

@@ -1,0 +1,61 @@
+"""The datasets barlow_jax knows, and the TFDS builder that reads one.
+
+A ``DatasetSpec`` holds what the pipeline and the models need to know about a
+TFDS dataset (classes, image side, channel statistics, the test split);
+``get_builder`` returns the prepared builder, downloading it only when the
+config allows and the data is missing.
+"""
+
+import dataclasses
+from typing import Optional
+
+import tensorflow_datasets as tfds
+
+from barlow_jax.errors import ConfigError, DatasetNotFoundError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the pipeline needs to know about a TFDS dataset."""
+  tfds_name: str
+  num_classes: int
+  image_size: int  # Side of the square image handed to the device.
+  mean: tuple[float, float, float]  # Per-channel, in [0, 1] units.
+  std: tuple[float, float, float]
+  test_split: str = 'test'
+  fixed_size: bool = True  # False: variable-size images, resized on the host.
+
+
+DATASETS = {
+    'cifar10': DatasetSpec('cifar10', 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': DatasetSpec('cifar100', 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'stl10': DatasetSpec('stl10', 10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    # ImageNet images are resized (shorter side) and centre-cropped to 256 on
+    # the host; the random-resized crop to 224 happens on the device.
+    'imagenet2012': DatasetSpec('imagenet2012', 1000, 256, (0.485, 0.456, 0.406),
+                                (0.229, 0.224, 0.225), test_split='validation', fixed_size=False),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+  """The spec of ``config.dataset``; ConfigError naming the key if unknown."""
+  if name not in DATASETS:
+    raise ConfigError(f'config.dataset={name!r} is not one of {sorted(DATASETS)}.')
+  return DATASETS[name]
+
+
+def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder; downloads only when allowed and missing.
+
+  Raises:
+    DatasetNotFoundError: not prepared in ``data_dir`` and ``download`` is False.
+  """
+  spec = dataset_spec(name)
+  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  if not builder.is_prepared():
+    if not download:
+      raise DatasetNotFoundError(
+          f'Dataset {spec.tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
+          '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
+    builder.download_and_prepare()
+  return builder

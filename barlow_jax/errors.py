@@ -1,0 +1,41 @@
+"""The errors a user can act on, and the exit status each one gives on the command line.
+
+Every mistake of the user's (a config value, a path, a dataset that is not
+there, a checkpoint of another run, a busy workdir) raises a subclass of
+``BadInput``: the command line prints its message and exits with status 2,
+before anything is compiled and with the workdir untouched. The other
+statuses are for runs that started well and stopped: 3 when the loss became
+non-finite (the last good checkpoint is kept), 75 when a SIGTERM stopped the
+run after a complete save (run the same command again to resume).
+"""
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+# EX_TEMPFAIL of sysexits.h ("temporary failure; the user is invited to
+# retry"): not 0, so a scheduler can tell a preempted run from a finished one;
+# launch/slurm_gpu.sbatch requeues the job on it.
+EXIT_PREEMPTED = 75
+
+
+class BadInput(Exception):
+  """Fix the command, the config or the workdir; exit status 2."""
+
+
+class ConfigError(BadInput, ValueError):
+  """An invalid config value; the message names the key."""
+
+
+class DatasetNotFoundError(BadInput, FileNotFoundError):
+  """The dataset is not prepared in the data dir and cannot be downloaded."""
+
+
+class CheckpointError(BadInput, ValueError):
+  """A checkpoint is missing, unreadable, or of another architecture than the config's."""
+
+
+class WorkdirError(BadInput, OSError):
+  """The workdir cannot be used: not writable, of another kind, or held by a live run."""
+
+
+class Preempted(Exception):
+  """The run saved a checkpoint and stopped because of SIGTERM; rerun to resume."""

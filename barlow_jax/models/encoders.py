@@ -1,0 +1,127 @@
+"""Encoders: ResNet-18/34/50 (CIFAR or ImageNet stem, any width) and VGG-16-BN.
+
+All modules are Flax Linen: pure ``init``/``apply`` on ``{'params', 'batch_stats'}``.
+BatchNorm takes ``axis_name`` so that, inside ``shard_map``, its batch
+statistics span every device of the data axis (the official code's SyncBN).
+"""
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ModuleDef = Any
+
+# PyTorch's BatchNorm momentum 0.1 is Flax's 0.9 (Flax keeps 0.9 of the old value).
+BN_MOMENTUM = 0.9
+BN_EPS = 1e-5
+
+
+def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, **kwargs) -> ModuleDef:
+  return functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+      epsilon=BN_EPS, dtype=dtype, axis_name=axis_name if train else None, **kwargs)
+
+
+class BasicBlock(nn.Module):
+  """ResNet-18/34 block: two 3x3 convs."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = nn.relu(self.norm()(y))
+    y = self.conv(self.filters, (3, 3))(y)
+    # Zero-init of the last BN scale makes every block start as identity.
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, name='proj_conv')(residual)
+      residual = self.norm(name='proj_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  """ResNet-50 block: 1x1 reduce, 3x3, 1x1 expand (x4)."""
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+    y = self.conv(self.filters * 4, (1, 1))(y)
+    y = self.norm(scale_init=nn.initializers.zeros_init())(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * 4, (1, 1), self.strides, name='proj_conv')(residual)
+      residual = self.norm(name='proj_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ResNet trunk returning globally average-pooled features.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    block_cls: BasicBlock or BottleneckBlock.
+    width: channels of the first stage (64 in the paper; smaller for CPU runs).
+    stem: 'cifar' (3x3 stride-1 conv, no max-pool) or 'imagenet' (7x7/2 + max-pool).
+  """
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  width: int = 64
+  stem: str = 'imagenet'
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+    norm = batch_norm(train, self.axis_name, self.dtype)
+    if self.stem == 'cifar':
+      x = conv(self.width, (3, 3), name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+    else:
+      x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = self.block_cls(self.width * 2**i, conv=conv, norm=norm, strides=strides)(x)
+    return jnp.mean(x, axis=(1, 2))
+
+
+class VGG16(nn.Module):
+  """VGG-16 with BatchNorm (configuration D), global-average-pooled features."""
+  width: int = 64
+  dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    norm = batch_norm(train, self.axis_name, self.dtype)
+    multipliers = (1, 1, 'M', 2, 2, 'M', 4, 4, 4, 'M', 8, 8, 8, 'M', 8, 8, 8, 'M')
+    for m in multipliers:
+      if m == 'M':
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      else:
+        x = nn.Conv(self.width * m, (3, 3), use_bias=False, dtype=self.dtype)(x)
+        x = nn.relu(norm()(x))
+    return jnp.mean(x, axis=(1, 2))
+
+
+ENCODERS = {
+    'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock),
+    'resnet34': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock),
+    'resnet50': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock),
+    'vgg16': VGG16,
+}

@@ -1,0 +1,153 @@
+"""Orbax checkpoints of a workdir: the manager, and the one way to restore.
+
+Every restore goes through ``restore``: it reads the checkpoint's metadata
+first and compares shapes with what the caller expects, so a checkpoint of
+another architecture fails with the list of differing arrays instead of an
+Orbax error, and an unreadable one fails naming its path. Both raise
+``CheckpointError`` (exit status 2 on the command line); nothing in the
+workdir is changed.
+
+A run resumes from its own workdir (``restore_latest``); a stage that reads
+another run's encoder (linear probe, fine-tuning) opens that workdir read-only
+(``restore_variables``), so evaluation never writes into it.
+"""
+
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from barlow_jax.errors import CheckpointError
+from barlow_jax.runtime import mesh as mesh_lib
+
+CHECKPOINTS = 'checkpoints'  # Sub-directory of the workdir.
+# The arrays whose shapes tell an architecture; checked before restoring.
+_CHECKED = ('params', 'batch_stats')
+
+
+def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """The Orbax manager of ``workdir``/checkpoints (asynchronous saves).
+
+  Args:
+    workdir: the run's directory.
+    max_to_keep: older checkpoints are deleted beyond this many.
+    read_only: open another run's checkpoints without creating or deleting
+      anything.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=not read_only, read_only=read_only,
+      create=not read_only)
+  # The explicit handler lets a fresh manager read item metadata (shapes)
+  # before restoring.
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+                               options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+
+def shape_mismatches(expected, saved, name: str) -> list[str]:
+  """Leaves of ``expected`` whose shape differs from, or is missing in, ``saved``."""
+  want = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+  have = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  problems = []
+  for path, leaf in want.items():
+    got = have.get(path)
+    if got is None or tuple(got.shape) != tuple(leaf.shape):
+      problems.append(f'{name}{jax.tree_util.keystr(path)}: checkpoint '
+                      f'{"missing" if got is None else tuple(got.shape)} vs config {leaf.shape}')
+  return problems + [f'{name}{jax.tree_util.keystr(path)}: in the checkpoint only'
+                     for path in have if path not in want]
+
+
+def _advice(mngr: ocp.CheckpointManager, step: int) -> str:
+  return (f'Move {mngr.directory}/{step} aside to resume from the previous checkpoint, or use '
+          'a new --workdir.')
+
+
+def _metadata(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The saved tree of ``step`` as metadata (shapes, dtypes), or CheckpointError."""
+  try:
+    return dict(mngr.item_metadata(step).tree)
+  except Exception as e:  # Orbax and tensorstore raise many types for bad files.
+    raise CheckpointError(f'Checkpoint {mngr.directory}/{step} is unreadable (corrupt or '
+                          f'incomplete?): {type(e).__name__}: {e}\n{_advice(mngr, step)}') from e
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
+  """Checkpoint ``step`` restored into ``target``'s structure, dtypes and shardings.
+
+  Args:
+    mngr: the manager of the workdir.
+    step: an existing step.
+    target: a pytree of arrays or ShapeDtypeStructs (with shardings) whose
+      'params' and 'batch_stats' (fields or keys) are checked against the
+      checkpoint before anything is read.
+
+  Raises:
+    CheckpointError: unreadable, or written by another architecture.
+  """
+  where = f'{mngr.directory}/{step}'
+  saved = _metadata(mngr, step)
+  get = (lambda k: target.get(k)) if isinstance(target, dict) else (lambda k: getattr(target, k, None))
+  problems = [p for k in _CHECKED if get(k) is not None
+              for p in shape_mismatches(get(k), saved.get(k, {}), k)]
+  if problems:
+    raise CheckpointError(f'Checkpoint {where} was written by another architecture than '
+                          f'config.model describes; {len(problems)} differing arrays, e.g.:\n  ' +
+                          '\n  '.join(problems[:10]))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # As above: truncated or garbled array files.
+    raise CheckpointError(f'Checkpoint {where} cannot be restored (corrupt, or saved with '
+                          f'another optimizer?): {type(e).__name__}: {e}\n{_advice(mngr, step)}') from e
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: Any) -> Any:
+  """The workdir's latest checkpoint restored into ``state``, or ``state`` if there is none."""
+  step = mngr.latest_step()
+  if step is None:
+    return state
+  logging.info('Resuming from checkpoint step %d in %s.', step, mngr.directory)
+  return restore(mngr, step, state)
+
+
+def restore_variables(workdir: str, expected: dict, mesh: Mesh,
+                      step: Optional[int] = None) -> tuple[dict, int]:
+  """{'params', 'batch_stats'} of another run's checkpoint, replicated over ``mesh``.
+
+  The workdir is opened read-only. The rest of the saved state (optimiser,
+  step) is read as it was saved, so no optimiser has to be built to read it.
+
+  Args:
+    workdir: a run's directory holding ``checkpoints/``.
+    expected: {'params', 'batch_stats'} of the architecture (arrays or
+      ShapeDtypeStructs, e.g. ``jax.eval_shape(model.init, ...)``).
+    mesh: where to place the variables.
+    step: the checkpoint step; None for the latest.
+
+  Returns:
+    (variables, step).
+
+  Raises:
+    CheckpointError: no such checkpoint, unreadable, or another architecture.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  have = []
+  if os.path.isdir(directory):
+    mngr = manager(workdir, read_only=True)
+    have = list(mngr.all_steps())
+  step = (max(have) if have else None) if step is None else step
+  if step is None or step not in have:
+    raise CheckpointError(f'No checkpoint{"" if step is None else f" {step}"} in {directory} '
+                          f'(have {sorted(have)}).')
+  replicated = mesh_lib.replicated(mesh)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                        _metadata(mngr, step))
+  for k in _CHECKED:
+    target[k] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
+                             expected[k])
+  saved = restore(mngr, step, target)
+  mngr.close()
+  return {k: saved[k] for k in _CHECKED}, step

@@ -1,0 +1,170 @@
+"""The training loop every stage that trains runs: steps, logging, saves, preemption.
+
+``run_steps`` knows nothing about Barlow Twins: it calls a jitted
+``train_step(state, batch, *frozen) -> (state, metrics)`` until the last
+step, logs averaged metrics, checks them before every save, saves the state
+with Orbax, stops after a complete save on SIGTERM, and calls hooks (the kNN
+monitor) between steps.
+"""
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from barlow_jax.errors import Preempted
+from barlow_jax.runtime import distributed
+
+# Called after a step with (updates done, state); returns scalars to log, or None.
+Hook = Callable[[int, Any], Optional[dict]]
+
+
+class Progress:
+  """Console line every ``log_every`` steps: chosen metrics, images/s, ETA.
+
+  Args:
+    total_steps: the step the run ends at.
+    global_batch: images per step, for images/s.
+    start_step: the step this process started (or resumed) at.
+    console_keys: metric names shown on the console, in order (all of them
+      go to TensorBoard regardless).
+  """
+
+  def __init__(self, total_steps: int, global_batch: int, start_step: int,
+               console_keys: Sequence[str]):
+    self.total, self.batch, self.keys = total_steps, global_batch, tuple(console_keys)
+    self.last_step, self.last_time = start_step, time.time()
+
+  def __call__(self, step: int, scalars: dict) -> None:
+    now = time.time()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    eta = (self.total - step) / max(steps_per_s, 1e-9)
+    scalars['steps_per_sec'], scalars['images_per_sec'] = steps_per_s, steps_per_s * self.batch
+    shown = '  '.join(f'{k} {scalars[k]:.4g}' for k in self.keys if k in scalars)
+    logging.info('step %d/%d  %s  %.1f img/s  ETA %s', step, self.total, shown,
+                 scalars['images_per_sec'], time.strftime('%H:%M:%S', time.gmtime(eta)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """When the loop logs and saves, in steps."""
+  total_steps: int
+  log_every: int
+  save_every: int
+
+
+def _check_finite(scalars: dict, first: int, last: int, mngr: ocp.CheckpointManager) -> None:
+  if all(np.isfinite(v) for v in scalars.values()):
+    return
+  mngr.wait_until_finished()
+  raise FloatingPointError(
+      f'Non-finite metrics between steps {first} and {last}: {scalars}. '
+      f'The last good checkpoint (step {mngr.latest_step()}) is kept.')
+
+
+def _run_hooks(hooks: Sequence[Hook], step: int, state, writer, progress: Progress) -> None:
+  if not hooks:
+    return
+  t0 = time.time()
+  scalars = {}
+  for hook in hooks:
+    scalars.update(hook(step, state) or {})
+  if scalars:
+    writer.write_scalars(step, scalars)
+  progress.last_time += time.time() - t0  # Throughput counts training only.
+
+
+def _report(summed: dict, count: int, done: int, schedule: Schedule, save_now: bool,
+            mngr: ocp.CheckpointManager, writer, progress: Progress) -> bool:
+  """Logs the metrics averaged since the last log, when it is time; whether it logged.
+
+  Before every save the metrics are checked, so a non-finite state is never
+  checkpointed (FloatingPointError).
+  """
+  log_now = done % schedule.log_every == 0 or done == schedule.total_steps
+  if not (log_now or save_now):
+    return False
+  scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
+  _check_finite(scalars, done - count + 1, done, mngr)
+  if log_now:
+    progress(done, scalars)
+    writer.write_scalars(done, {f'train/{k}': v for k, v in scalars.items()})
+  return log_now
+
+
+def _compile(train_step, state, batch, frozen: tuple, progress: Progress):
+  t0 = time.time()
+  compiled = train_step.lower(state, batch, *frozen).compile()
+  logging.info('Compiled the train step in %.1f s.', time.time() - t0)
+  # Processes finish compiling at different times; the first step's
+  # collectives would not wait long for a late one (30 s with gloo on CPU).
+  distributed.wait_for_all_processes('compiled_train_step')
+  progress.last_time = time.time()  # Throughput excludes compilation.
+  return compiled
+
+
+def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
+              mngr: ocp.CheckpointManager, writer, progress: Progress, start_step: int,
+              hooks: Sequence[Hook] = (), frozen: tuple = ()):
+  """Runs ``state, metrics = train_step(state, batch, *frozen)`` from start_step to the end.
+
+  Metrics are summed on the device and averaged every ``schedule.log_every``
+  steps (no host sync in between); ``state`` is saved every
+  ``schedule.save_every`` steps and at the end, after checking the metrics
+  are finite; then the hooks run. On SIGTERM (distributed.py) the loop saves
+  after the current step, waits for the save and raises Preempted, without
+  the hooks (a preempted machine has no time to spare).
+
+  Args:
+    state: any pytree; saved as is with StandardSave.
+    train_step: jitted (state, batch, *frozen) -> (state, metrics dict of scalars).
+    batches: iterator of device batches.
+    schedule: the last step and the log and save periods.
+    mngr: the run's Orbax CheckpointManager.
+    writer: a clu metric writer.
+    progress: the console reporter.
+    start_step: the step ``state`` is at.
+    hooks: ``hook(step, state) -> dict of scalars or None``, called on every
+      process after each step with the updates done and the state as saved;
+      their scalars go to ``writer``, their time is not in the images/s.
+    frozen: further arguments of every step that never change (a frozen
+      encoder's variables); not saved.
+
+  Returns:
+    The final state.
+
+  Raises:
+    FloatingPointError: non-finite metrics; the last good checkpoint is kept.
+    Preempted: stopped by SIGTERM after a completed save.
+  """
+  summed, count = None, 0
+  total = schedule.total_steps
+  for step in range(start_step, total):
+    batch = next(batches)
+    if step == start_step:
+      train_step = _compile(train_step, state, batch, frozen, progress)
+    state, metrics = train_step(state, batch, *frozen)
+    summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
+    count += 1
+    done = step + 1
+    # Asked after every step on every process: the processes of a multi-host
+    # run must agree on the step at which they save.
+    preempted = distributed.preemption_requested(done)
+    save_now = done % schedule.save_every == 0 or done == total or preempted
+    if _report(summed, count, done, schedule, save_now, mngr, writer, progress):
+      summed, count = None, 0
+    if save_now:
+      mngr.save(done, args=ocp.args.StandardSave(state))
+    if preempted:
+      mngr.wait_until_finished()  # Exit only with the checkpoint complete.
+      raise Preempted(f'Preempted (SIGTERM): saved checkpoint step {done} of {total} in '
+                      f'{mngr.directory}; run the same command again to resume.')
+    _run_hooks(hooks, done, state, writer, progress)
+  distributed.training_loop_ended()
+  return state

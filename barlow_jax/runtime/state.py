@@ -1,0 +1,49 @@
+"""The training state every stage that trains carries from step to step."""
+
+import functools
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from barlow_jax.runtime import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates done.
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # Base key; step keys are fold_in(rng, step), so resume is exact.
+
+
+def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
+                       variables: Optional[dict] = None) -> TrainState:
+  """The initial state of ``model``, replicated over ``mesh``.
+
+  Args:
+    model: a Flax module with 'params' and 'batch_stats'.
+    tx: the optax transformation.
+    mesh: the data mesh.
+    seed: initialisation and augmentation keys derive from PRNGKey(seed).
+    image_size: side of the (square) network input, for the dummy batch.
+    variables: {'params', 'batch_stats'} whose 'backbone' replaces the fresh
+      encoder (fine-tuning from a pretrained encoder); None keeps the init.
+  """
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+
+  @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
+  def init(variables):
+    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+    fresh = model.init(init_rng, dummy, train=False)
+    params, batch_stats = dict(fresh['params']), dict(fresh['batch_stats'])
+    if variables is not None:
+      params['backbone'] = variables['params']['backbone']
+      batch_stats['backbone'] = variables['batch_stats']['backbone']
+    return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=state_rng)
+
+  return init(variables)

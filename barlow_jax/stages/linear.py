@@ -1,0 +1,155 @@
+"""Evaluation stage: kNN and a linear probe on a frozen pretrained encoder.
+
+  python -m barlow_jax.main --config=configs/cifar_linear.py \
+      --config.pretrained_workdir=runs/bt --workdir=runs/probe
+
+Features of the train and test splits are computed once (no augmentation),
+then the kNN classifiers and the linear probe run on them. With
+``probe.augment`` the linear probe instead trains on features of augmented
+train images (``probe.view``, crop + flip) computed on the fly, one jitted
+step per batch (evaluators/linear_probe.train_augmented_probe); test features
+stay clean and cached. Writes ``results.json``, ``results.md`` and
+``confusion_matrix.png`` to the workdir; the pretraining workdir is only read.
+"""
+
+import os
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from barlow_jax import config_validation
+from barlow_jax import plots
+from barlow_jax.data import augment
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+from barlow_jax.evaluators import knn
+from barlow_jax.evaluators import linear_probe
+from barlow_jax.evaluators import metrics
+from barlow_jax.evaluators import predict
+from barlow_jax.models import factory
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.stages import pretrain
+
+
+def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
+  """The encoder to probe and how it was obtained (trained, or the random-init baseline)."""
+  overrides = {'data_dir': config.data_dir, 'download': config.download}
+  if not config.random_init:
+    encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
+                                       overrides)
+    return encoder, f'pretrained, step {encoder.step}'
+  pretrained_config = workdir_lib.read_config(config.pretrained_workdir, 'pretraining')
+  for key, value in overrides.items():
+    if value is not None:
+      pretrained_config[key] = value
+  model = factory.create_model(pretrained_config)
+  size = pretrained_config.augment.crop_size
+  variables = model.init(jax.random.PRNGKey(config.seed),
+                         np.zeros((2, size, size, 3), np.float32), train=False)
+  return (pretrain.Pretrained(pretrained_config, model, variables, 0),
+          'random init (same architecture)')
+
+
+def probe_data_config(config, pretrained_config) -> ml_collections.ConfigDict:
+  """The pipeline config of the augmented probe's training images.
+
+  Its ``fraction`` is the label fraction, so load_train_data keeps the same
+  class-balanced subset (same labels, fraction and seed) as the cached features.
+  """
+  return ml_collections.ConfigDict({
+      'dataset': pretrained_config.dataset, 'data_dir': pretrained_config.data_dir,
+      'download': pretrained_config.download, 'train_split': config.train_split,
+      'fraction': config.label_fraction, 'fraction_seed': config.fraction_seed})
+
+
+def train_probe(config, encoder: pretrain.Pretrained, train_x, train_y, workdir: str, mesh):
+  """The trained probe's ``predict``: on cached features, or on the fly with augmentation."""
+  p = config.probe
+  hparams = dict(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                 momentum=p.momentum, seed=config.seed)
+  if not p.augment:
+    num_classes = datasets.dataset_spec(encoder.config.dataset).num_classes
+    return linear_probe.train_linear_probe(train_x, train_y, num_classes, **hparams)
+  data = pipeline.load_train_data(probe_data_config(config, encoder.config))
+  if data.num_global != len(train_y):  # Two selections of the same subset must agree.
+    raise RuntimeError(f'The augmented probe sees {data.num_global} training examples, the '
+                       f'cached features {len(train_y)}.')
+  mean, std = linear_probe.feature_standardizer(train_x)
+  return linear_probe.train_augmented_probe(
+      encoder.config, encoder.model, encoder.variables, data, augment.view_from_config(p.view),
+      mean, std, workdir, mesh=mesh, **hparams)
+
+
+def _features(config, encoder: pretrain.Pretrained, split: str, mesh, view=None):
+  fn = predict.make_predict_fn(encoder.config, encoder.model, view, outputs=('features',))
+  out = predict.predict_split(encoder.config, fn, encoder.variables, split, config.batch_size,
+                              mesh, seed=config.seed)
+  return out['features'], out['label']
+
+
+def run(config, workdir: str) -> dict:
+  """Runs kNN + linear probe; returns (and writes) the results dict."""
+  config_validation.validate_linear(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh()
+  encoder, description = load_encoder(config, mesh)
+  spec = datasets.dataset_spec(encoder.config.dataset)
+  test_split = config.test_split or spec.test_split
+  train_x, train_y = _features(config, encoder, config.train_split, mesh)
+  test_x, test_y = _features(config, encoder, test_split, mesh)
+  if config.label_fraction < 1.0:
+    keep = pipeline.balanced_subset(train_y, config.label_fraction, spec.num_classes,
+                                    config.fraction_seed)
+    train_x, train_y = train_x[keep], train_y[keep]
+  logging.info('Features: train %s, test %s.', train_x.shape, test_x.shape)
+
+  results = {'encoder': description, 'pretrained_workdir': config.pretrained_workdir,
+             'model': encoder.config.model.to_dict(), 'dataset': encoder.config.dataset,
+             'label_fraction': config.label_fraction, 'num_train': int(len(train_y))}
+  for k in config.knn.k:
+    scores = knn.knn_scores(train_x, train_y, test_x, spec.num_classes, k, config.knn.temperature)
+    results[f'knn_k{k}'] = metrics.classification_metrics(scores, test_y, spec.num_classes)
+  classify = train_probe(config, encoder, train_x, train_y, workdir, mesh)
+  results['linear'] = metrics.classification_metrics(classify(test_x), test_y, spec.num_classes)
+  # How the probe was trained: on cached clean features, or on augmented views.
+  view = augment.view_from_config(config.probe.view)
+  results['linear']['augmented'] = bool(config.probe.augment)
+  if config.probe.augment:
+    results['linear']['view'] = view._asdict()
+  # The same probe on test images through probe.view (crop + flip): how much
+  # of the accuracy survives the augmentations the representation should be
+  # invariant to (Ramyaa (2022) reports this as "aug test" accuracy).
+  aug_x, aug_y = _features(config, encoder, test_split, mesh, view)
+  results['linear_aug_test'] = metrics.classification_metrics(classify(aug_x), aug_y,
+                                                              spec.num_classes)
+  builder = datasets.get_builder(encoder.config.dataset, encoder.config.data_dir,
+                                 encoder.config.download)
+  results['class_names'] = list(builder.info.features['label'].names)
+  write_results(results, workdir, encoder.config)
+  return results
+
+
+def write_results(results: dict, workdir: str, pretrained_config) -> None:
+  """confusion_matrix.png, results.md, then results.json (it marks the run done)."""
+  if jax.process_index() > 0:
+    return
+  probe = 'linear probe (augmented views)' if results['linear']['augmented'] else 'linear probe'
+  plots.confusion_matrix_png(results['linear']['confusion_matrix'], results['class_names'],
+                             os.path.join(workdir, 'confusion_matrix.png'),
+                             f"{probe}, {results['encoder']}")
+  names = {'linear': 'linear, trained on augmented views' if results['linear']['augmented']
+           else 'linear',
+           'linear_aug_test': 'linear, on augmented test images (probe.view)'}
+  rows = [(names.get(k, k), v) for k, v in results.items() if isinstance(v, dict) and 'top1' in v]
+  m = pretrained_config.model
+  lines = [f"# Evaluation of {results['pretrained_workdir']} ({results['encoder']})", '',
+           f"{m.encoder} width {m.width}, projector {m.projector}, "
+           f"{results['dataset']}, labels used: {results['num_train']} "
+           f"(fraction {results['label_fraction']})", '',
+           '| classifier | top-1 | top-5 | micro | macro-F1 |', '|---|---|---|---|---|']
+  lines += [f"| {k} | {100 * v['top1']:.2f} | {100 * v['top5']:.2f} | {100 * v['micro']:.2f} | "
+            f"{100 * v['macro']:.2f} |" for k, v in rows]
+  workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')

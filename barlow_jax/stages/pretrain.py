@@ -1,0 +1,144 @@
+"""Barlow Twins pretraining (Zbontar et al., 2021): the loss, the stage, the picture of C.
+
+  python -m barlow_jax.main --config=configs/cifar_bt_cpu.py --workdir=runs/bt_cpu
+
+Each device augments and encodes its slice of the global batch twice (two
+views); BatchNorm and the Barlow Twins normalisation see the global batch
+through collectives over DATA_AXIS, and each device computes its own block of
+rows of the cross-correlation matrix (losses.py). An online linear probe on
+``stop_gradient(features)`` reports how linearly separable the features are
+while they are learned. The step, the loop, checkpoints and resume are the
+trainer's (trainer.py).
+"""
+
+import os
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from barlow_jax import config_validation
+from barlow_jax import losses
+from barlow_jax import plots
+from barlow_jax import trainer
+from barlow_jax.data import augment
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+from barlow_jax.evaluators import knn_monitor
+from barlow_jax.models import factory
+from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.runtime.mesh import DATA_AXIS
+from barlow_jax.runtime.state import TrainState
+
+CONSOLE_KEYS = ('bt_loss', 'on_diag', 'off_diag', 'probe_accuracy', 'learning_rate')
+
+
+def make_loss_fn(model: factory.BarlowTwinsModel, lambd: float) -> trainer.LossFn:
+  """on_diag + lambd * off_diag of the two views, plus the online probe's cross-entropy."""
+
+  def loss_fn(params, batch_stats, inputs, labels):
+    (out1, out2), batch_stats = trainer.apply_per_view(model, params, batch_stats, inputs)
+    terms = losses.barlow_twins_terms(out1['embeddings'], out2['embeddings'], DATA_AXIS)
+    bt_loss = terms.on_diag + lambd * terms.off_diag
+    # The probe reads stop_gradient(features): its loss trains only the probe.
+    probe_loss, probe_acc = losses.masked_cross_entropy(out1['probe_logits'], labels, DATA_AXIS)
+    metrics = {'bt_loss': bt_loss, 'on_diag': terms.on_diag, 'off_diag': terms.off_diag,
+               'probe_loss': probe_loss, 'probe_accuracy': probe_acc}
+    return bt_loss + probe_loss, (batch_stats, metrics)
+
+  return loss_fn
+
+
+def run(config, workdir: str) -> TrainState:
+  """Pretrains with Barlow Twins into ``workdir``, resuming from its latest checkpoint.
+
+  Writes checkpoints, config.json, TensorBoard scalars and
+  cross_correlation.png (C of two views of test images at the end).
+
+  Returns:
+    The final TrainState (replicated over the mesh).
+  """
+  config_validation.validate_pretrain(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh()
+  data = pipeline.load_train_data(config)
+  length = trainer.Length.of(config, data.num_global)
+  model = factory.create_model(config, axis_name=DATA_AXIS)
+  hook = knn_monitor.make_hook(config, length.steps_per_epoch, length.total_steps, mesh)
+  state = trainer.fit(config, workdir, model, make_loss_fn(model, config.lambd), data, mesh,
+                      num_views=2, console_keys=CONSOLE_KEYS, hooks=[hook] if hook else [])
+  if jax.process_index() == 0:
+    write_cross_correlation_png(config, state, os.path.join(workdir, 'cross_correlation.png'))
+  return state
+
+
+def write_cross_correlation_png(config, state: TrainState, path: str, num_images: int = 256,
+                                max_dim: int = 128) -> None:
+  """Pictures C for two augmented views of test images with the current weights.
+
+  BatchNorm runs in inference mode and the matrix is computed on this
+  process's first device; only its top-left ``max_dim`` block is drawn (a
+  8192 x 8192 image would be unreadable).
+  """
+  spec = datasets.dataset_spec(config.dataset)
+  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
+  images = next(pipeline.eval_batches(builder, spec, spec.test_split, num_images))['image']
+  local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
+  variables = {'params': jax.tree.map(local, state.params),
+               'batch_stats': jax.tree.map(local, state.batch_stats)}
+  model = factory.create_model(config)
+  aug = config.augment
+  views = [augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)]
+  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
+
+  @jax.jit  # Both views and C in one program: one compile.
+  def correlate(variables, images):
+    def embed(key, view):
+      x = augment.model_inputs(images, key, view, aug.crop_size, spec.mean, spec.std,
+                               jnp.dtype(config.model.dtype))
+      return model.apply(variables, x, train=False)['embeddings']
+    return losses.cross_correlation(embed(keys[0], views[0]), embed(keys[1], views[1]))
+
+  c = np.asarray(correlate(variables, images))
+  plots.cross_correlation_png(c[:max_dim, :max_dim], path,
+                              f'C of {len(images)} test images, step {int(local(state.step))}'
+                              + (f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''))
+
+
+class Pretrained(NamedTuple):
+  """A pretraining run's encoder, read back from its workdir."""
+  config: ml_collections.ConfigDict  # The run's recorded config.
+  model: factory.BarlowTwinsModel  # Without axis_name: for inference.
+  variables: dict  # {'params', 'batch_stats'}, replicated over the mesh.
+  step: int
+
+
+def load_pretrained(workdir: str, mesh, step: Optional[int] = None,
+                    data_overrides: Optional[dict] = None) -> Pretrained:
+  """The model and weights of the pretraining run in ``workdir`` (opened read-only).
+
+  Args:
+    workdir: a pretraining workdir (config.json + checkpoints/).
+    mesh: where to place the variables.
+    step: the checkpoint step; None for the latest.
+    data_overrides: {'data_dir': ..., 'download': ...} values that are not
+      None replace the recorded ones (the data may live elsewhere now).
+
+  Raises:
+    WorkdirError: no config.json.
+    CheckpointError: no such checkpoint, unreadable, or not this architecture.
+  """
+  config = workdir_lib.read_config(workdir, 'pretraining')
+  for key, value in (data_overrides or {}).items():
+    if value is not None:
+      config[key] = value
+  model = factory.create_model(config)
+  size = config.augment.crop_size
+  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((2, size, size, 3)), train=False))
+  variables, step = checkpoint.restore_variables(workdir, expected, mesh, step)
+  return Pretrained(config, model, variables, step)

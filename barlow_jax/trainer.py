@@ -1,0 +1,185 @@
+"""The one sharded train step and the one fit every stage that trains uses.
+
+A stage (pretraining, supervised, fine-tuning) brings its model and its loss
+function; this module makes the views, takes the gradient, all-reduces it
+once, applies the optimiser, and runs the loop with checkpoints and resume.
+
+The step is one program on every device of the 1-D data mesh
+(``jax.shard_map`` with ``check_vma=True``). Parameters and optimiser state
+are replicated; each device augments and encodes its slice of the global
+batch; BatchNorm and the loss see the global batch through collectives over
+``DATA_AXIS``.
+
+Gradients: with ``check_vma=True`` shard_map tracks which values differ per
+device, so the gradient of the (device-invariant) global loss with respect to
+the replicated parameters comes out already summed over devices and correct.
+tests/test_train_step.py checks 8 devices against 1.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional, Sequence
+
+from absl import logging
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from barlow_jax import optim
+from barlow_jax.data import augment
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import loop
+from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.runtime.mesh import DATA_AXIS
+from barlow_jax.runtime.state import TrainState, create_train_state
+
+# loss_fn(params, batch_stats, inputs, labels) -> (loss, (batch_stats, metrics)):
+# one device's shard; ``inputs`` holds one standardised batch per view,
+# collectives over DATA_AXIS make the loss and metrics global.
+LossFn = Callable[[Any, Any, Sequence[jax.Array], jax.Array], tuple[jax.Array, tuple[Any, dict]]]
+
+
+def apply_per_view(model, params, batch_stats, inputs: Sequence[jax.Array]):
+  """The model applied to each view in turn, in training mode.
+
+  BatchNorm statistics are per view, as in the official code (one forward
+  pass per view); the running averages are updated in turn.
+
+  Returns:
+    (list of model outputs, new batch_stats).
+  """
+  outputs = []
+  for x in inputs:
+    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                               mutable=['batch_stats'])
+    outputs.append(out)
+    batch_stats = updates['batch_stats']
+  return outputs, batch_stats
+
+
+def view_keys(rng: jax.Array, step: jax.Array, n: int, num_views: int) -> jax.Array:
+  """[num_views, n] keys: one per view and example of the global batch of ``step``.
+
+  Drawn for the global batch and sliced per device by shard_map, so example
+  i gets the same augmentation whatever the device count.
+  """
+  branch = jax.random.split(jax.random.fold_in(rng, step))[:num_views]
+  return jnp.stack([jax.random.split(k, n) for k in branch])
+
+
+def make_train_step(config, loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
+                    lr_schedule: Callable, num_views: int) -> Callable:
+  """Returns jitted ``train_step(state, batch) -> (state, metrics)``; state is donated.
+
+  Args:
+    config: needs dataset, model.dtype and augment (crop_size, view1[, view2]).
+    loss_fn: the stage's loss (see LossFn).
+    tx: the optax transformation.
+    mesh: the data mesh.
+    lr_schedule: logged as 'learning_rate'.
+    num_views: 1 or 2: views ``config.augment.view1`` [and ``view2``].
+
+  Returns:
+    The step; ``batch`` is {'image': uint8 [N, H, W, 3], 'label': int32 [N]}
+    sharded over the mesh, N the global batch.
+  """
+  aug = config.augment
+  spec = datasets.dataset_spec(config.dataset)
+  views = [augment.view_from_config(aug[f'view{i + 1}']) for i in range(num_views)]
+  dtype = jnp.dtype(config.model.dtype)
+
+  def per_device(state: TrainState, images, labels, keys):
+    inputs = [augment.normalize(augment.augment_batch(k, images, view, aug.crop_size),
+                                spec.mean, spec.std).astype(dtype)
+              for k, view in zip(keys, views)]
+    # With check_vma=True the gradient with respect to the replicated
+    # parameters comes out summed over devices: no pmean here.
+    (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, inputs, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                   learning_rate=lr_schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  sharded = jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(None, DATA_AXIS)),
+      out_specs=(P(), P()), check_vma=True)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state: TrainState, batch: dict):
+    keys = view_keys(state.rng, state.step, batch['image'].shape[0], num_views)
+    return sharded(state, batch['image'], batch['label'], keys)
+
+  return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Length:
+  """How long a run is, in steps, from its config and its training set."""
+  steps_per_epoch: int
+  total_steps: int
+
+  @classmethod
+  def of(cls, config, num_examples: int) -> 'Length':
+    steps_per_epoch = max(1, num_examples // config.batch_size)
+    return cls(steps_per_epoch, optim.num_train_steps(config, steps_per_epoch))
+
+
+def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, mesh: Mesh, *,
+        num_views: int, console_keys: Sequence[str],
+        hooks: Sequence[loop.Hook] = (), init_variables: Optional[dict] = None) -> TrainState:
+  """Trains ``model`` on ``data`` into ``workdir``, resuming from its latest checkpoint.
+
+  ``workdir``/config.json and the TensorBoard scalars are written only once
+  the state is restored: a restore that fails (bad input) changes nothing.
+
+  Args:
+    config: the stage's config (batch_size, seed, optimizer, augment,
+      num_epochs / num_steps, log_every, checkpoint, cache_dataset).
+    workdir: checkpoints go to ``workdir``/checkpoints.
+    model: the Flax model, built with ``axis_name=DATA_AXIS``.
+    loss_fn: the stage's loss.
+    data: the training examples of this process.
+    mesh: the data mesh.
+    num_views: views per example and step.
+    console_keys: metrics on the progress line.
+    hooks: called after every step (loop.run_steps).
+    init_variables: {'params', 'batch_stats'} whose 'backbone' initialises the
+      encoder of a fresh run; a resumed run keeps its own weights.
+
+  Returns:
+    The final state, replicated over the mesh.
+  """
+  length = Length.of(config, data.num_global)
+  tx, lr_schedule = optim.create_optimizer(config, length.steps_per_epoch, length.total_steps)
+  mngr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+  state = create_train_state(model, tx, mesh, config.seed, config.augment.crop_size,
+                             init_variables)
+  state = checkpoint.restore_latest(mngr, state)
+  workdir_lib.write_config(workdir, config)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  start_step = int(state.step)
+  logging.info('%d examples, %d steps/epoch, %d steps, start at %d; %d devices, %d processes.',
+               data.num_global, length.steps_per_epoch, length.total_steps, start_step,
+               jax.device_count(), jax.process_count())
+  train_step = make_train_step(config, loss_fn, tx, mesh, lr_schedule, num_views)
+  stream = pipeline.train_dataset(data, config.batch_size // jax.process_count(), config.seed,
+                                  start_step, cache=config.cache_dataset)
+  batches = pipeline.prefetch_to_mesh(stream.as_numpy_iterator(), mesh_lib.batch_sharded(mesh))
+  schedule = loop.Schedule(length.total_steps, config.log_every, config.checkpoint.every_steps)
+  progress = loop.Progress(length.total_steps, config.batch_size, start_step, console_keys)
+  try:
+    return loop.run_steps(state, train_step, batches, schedule, mngr, writer, progress,
+                          start_step, hooks)
+  finally:
+    # On any exception too: an in-flight save of a good state is completed,
+    # never left half-written for the next run to trip over.
+    mngr.wait_until_finished()
+    writer.flush()
