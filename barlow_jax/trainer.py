@@ -10,10 +10,17 @@ are replicated; each device augments and encodes its slice of the global
 batch; BatchNorm and the loss see the global batch through collectives over
 ``DATA_AXIS``.
 
-Gradients: with ``check_vma=True`` shard_map tracks which values differ per
-device, so the gradient of the (device-invariant) global loss with respect to
-the replicated parameters comes out already summed over devices and correct.
-tests/test_train_step.py checks 8 devices against 1.
+Gradients cross the network once per step. The model is applied once per
+view, and each application of replicated (device-invariant) parameters would
+transpose to its own all-reduce of the whole gradient: two per step for two
+views, where the official PyTorch code (DDP) reduces each gradient once. So
+the gradient is taken with respect to a device-varying copy of the
+parameters (``lax.pcast(..., to='varying')``): each device gets its own
+contribution to the gradient of the global loss, and one ``psum`` adds them.
+That psum is the only reduction of the gradient, never a second one
+(JAX_NOTES: the gradient trap). tests/test_train_step.py checks 8 devices
+against 1; tests/test_communication.py counts the floats the compiled step
+all-reduces (at most 1.1x the parameters).
 """
 
 import dataclasses
@@ -97,10 +104,12 @@ def make_train_step(config, loss_fn: LossFn, tx: optax.GradientTransformation, m
     inputs = [augment.normalize(augment.augment_batch(k, images, view, aug.crop_size),
                                 spec.mean, spec.std).astype(dtype)
               for k, view in zip(keys, views)]
-    # With check_vma=True the gradient with respect to the replicated
-    # parameters comes out summed over devices: no pmean here.
+    # Each device's own contribution to the gradient of the global loss,
+    # then the one all-reduce of the gradient (see the module docstring).
+    local_params = jax.lax.pcast(state.params, DATA_AXIS, to='varying')
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, inputs, labels)
+        local_params, state.batch_stats, inputs, labels)
+    grads = jax.lax.psum(grads, DATA_AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics.update(grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),

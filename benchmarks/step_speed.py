@@ -21,6 +21,7 @@ from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.models import factory
+from barlow_jax import compiled_cost
 from barlow_jax import optim
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import state as state_lib
@@ -72,6 +73,13 @@ def main(_):
   def forward():  # Reads the live state: the train step donates the old one.
     s = holder['state']
     return fwd({'params': s.params, 'batch_stats': s.batch_stats}, x)
+
+  # What the compiled step moves between devices per step (0 on one device).
+  moved = compiled_cost.collectives(step.lower(state, batch).compile().as_text())
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print('communication per step: ' + ', '.join(
+      f"{k} {v['ops']} ops {v['bytes'] / 2**20:.2f} MiB" for k, v in moved.items() if v['ops'])
+        + f"; all-reduced floats / parameters = {moved['all-reduce']['elements'] / num_params:.3f}")
 
   desc = (f"{config.model.encoder} width {config.model.width}, projector {config.model.projector}, "
           f"batch {n}, {jax.device_count()} {jax.devices()[0].platform} device(s)")
