@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from barlow_jax import augment
+from barlow_jax.data import augment
 
 N_BOXES = 20_000
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)

@@ -9,7 +9,6 @@ from the shipped configs, with small numbers: 2 steps per epoch, the official
 10 warmup epochs (20 steps), 25 epochs (50 steps), all of them run.
 """
 
-import importlib
 import math
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from barlow_jax import config_files
 from barlow_jax import optim
 
 STEPS_PER_EPOCH = 2
@@ -129,7 +129,7 @@ def old_optax_lars(config):
 # --- Set-up and comparison -----------------------------------------------------------------
 
 def small_config(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = config_files.load(name)
   config.batch_size = 512  # Peak lr = 2 x the per-256 rates.
   config.num_epochs = float(NUM_EPOCHS)
   config.optimizer.schedule = 'warmup_cosine'
