@@ -29,6 +29,10 @@ class DatasetNotFoundError(BadInput, FileNotFoundError):
   """The dataset is not prepared in the data dir and cannot be downloaded."""
 
 
+class DatasetDownloadError(DatasetNotFoundError):
+  """The dataset is missing and its download failed or its host is unreachable."""
+
+
 class CheckpointError(BadInput, ValueError):
   """A checkpoint is missing, unreadable, or of another architecture than the config's."""
 

@@ -11,6 +11,7 @@ from typing import Optional
 
 import tensorflow_datasets as tfds
 
+from barlow_jax.data import download as download_lib
 from barlow_jax.errors import ConfigError, DatasetNotFoundError
 
 
@@ -49,6 +50,8 @@ def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core
 
   Raises:
     DatasetNotFoundError: not prepared in ``data_dir`` and ``download`` is False.
+    DatasetDownloadError: (a DatasetNotFoundError) not prepared, and the download
+      host is unreachable or the download failed (data/download.py).
   """
   spec = dataset_spec(name)
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
@@ -57,5 +60,5 @@ def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core
       raise DatasetNotFoundError(
           f'Dataset {spec.tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
           '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
-    builder.download_and_prepare()
+    download_lib.prepare(builder, spec.tfds_name)
   return builder
