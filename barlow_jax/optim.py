@@ -91,7 +91,7 @@ def lars(learning_rate, weight_decay: float, momentum: float, trust_coefficient:
 
 def num_train_steps(config, steps_per_epoch: int) -> int:
   """config.num_steps if set, else config.num_epochs converted to steps."""
-  if config.get('num_steps'):
+  if config.get('num_steps') is not None:
     return int(config.num_steps)
   if not config.get('num_epochs') or config.num_epochs <= 0:
     raise ValueError('Set config.num_epochs > 0 or config.num_steps > 0.')
