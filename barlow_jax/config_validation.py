@@ -81,8 +81,10 @@ def validate_optimizer(config) -> None:
   _require(o.lr > 0, f'config.optimizer.lr={o.lr} must be positive.')
   _require(o.weight_decay >= 0, f'config.optimizer.weight_decay={o.weight_decay} must be >= 0.')
   steps, epochs = config.get('num_steps'), config.get('num_epochs')
-  _require(bool(steps and steps > 0) or bool(epochs and epochs > 0),
-           f'Set config.num_epochs > 0 or config.num_steps > 0 (got {epochs}, {steps}).')
+  _require(steps is None or steps > 0,
+           f'config.num_steps={steps} must be positive (or None: the length is config.num_epochs).')
+  _require(epochs is None or epochs > 0, f'config.num_epochs={epochs} must be positive.')
+  _require(steps is not None or epochs is not None, 'Set config.num_epochs or config.num_steps.')
   _require(config.log_every > 0, f'config.log_every={config.log_every} must be positive.')
   _require(config.checkpoint.every_steps > 0,
            f'config.checkpoint.every_steps={config.checkpoint.every_steps} must be positive.')

@@ -1,7 +1,8 @@
 """The errors a user can act on, and the exit status each one gives on the command line.
 
 Every mistake of the user's (a config value, a path, a dataset that is not
-there, a checkpoint of another run, a busy workdir) raises a subclass of
+there, a checkpoint of another run, a workdir of another run or kind, a busy
+workdir) raises a subclass of
 ``BadInput``: the command line prints its message and exits with status 2,
 before anything is compiled and with the workdir untouched. The other
 statuses are for runs that started well and stopped: 3 when the loss became
@@ -27,6 +28,14 @@ class ConfigError(BadInput, ValueError):
 
 class DatasetNotFoundError(BadInput, FileNotFoundError):
   """The dataset is not prepared in the data dir and cannot be downloaded."""
+
+
+class DatasetDownloadError(DatasetNotFoundError):
+  """The dataset is missing and its download failed or its host is unreachable."""
+
+
+class ConfigChangedError(BadInput, ValueError):
+  """The workdir holds a run recorded with another config; the message lists the differing keys."""
 
 
 class CheckpointError(BadInput, ValueError):

@@ -8,10 +8,17 @@ supervised runs) or 'reproduce' (the fraction comparison of Ghosh, Ghosh & Das
 installation (``--config=cifar_bt_cpu``); override any value with
 ``--config.key=value`` (unknown keys are rejected).
 
+Re-running a workdir resumes it, but only under the config it recorded: a
+difference in a key that changes what the run computes (anything but where
+the data is, how often it logs and saves, the kNN monitor) exits 2 listing
+the keys, unless ``--allow_config_change`` (the change is then appended to
+<workdir>/config_changes.json; config.json is kept).
+
 Exit status, the same for every mode (barlow_jax/errors.py): 0 done; 2 bad
-input (unknown flag or config key, invalid value, dataset missing, corrupt or
-incompatible checkpoint, unusable or busy workdir), before anything is
-compiled and with the workdir untouched; 3 a non-finite loss (the last good
+input (unknown flag or config key, invalid value or split, dataset missing,
+corrupt or incompatible checkpoint, a config that differs from the one the
+workdir recorded, unusable, busy or wrong kind of workdir), before anything
+is compiled and with the workdir untouched; 3 a non-finite loss (the last good
 checkpoint is kept); 75 stopped by SIGTERM after saving a checkpoint (run the
 same command again to resume).
 
@@ -41,7 +48,7 @@ from barlow_jax.stages import linear
 from barlow_jax.stages import pretrain
 from barlow_jax.stages import supervised
 
-# config.mode -> what runs, all with the signature (config, workdir).
+# config.mode -> what runs, all with the signature (config, workdir, allow_config_change=...).
 MODES = {
     'pretrain': pretrain.run,
     'linear': linear.run,
@@ -66,6 +73,10 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a 
                     'run JAX cannot detect (launch/local_multiprocess.sh).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the run (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
+flags.DEFINE_bool('allow_config_change', False, 'Resume a workdir (or redo a finished run of the '
+                  'sweep or the fraction comparison) whose recorded config differs from this one '
+                  'in keys that change what a run computes, instead of refusing (exit 2); the '
+                  'change is appended to <workdir>/config_changes.json.')
 
 _HINT = '\nPass --helpshort or --helpfull to see help on flags.'
 
@@ -123,7 +134,7 @@ def absolute_paths(config) -> None:
         c[key] = os.path.abspath(c[key])
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str, allow_config_change: bool = False) -> None:
   """Runs ``config.mode`` into ``workdir`` under the workdir lock, mapping errors to exit codes."""
   mode = config.get('mode', 'pretrain')
   try:
@@ -131,7 +142,7 @@ def run(config, workdir: str) -> None:
       raise errors.ConfigError(f'config.mode={mode!r} is not one of {sorted(MODES)}.')
     absolute_paths(config)
     with distributed.workdir_lock(workdir):
-      MODES[mode](config, workdir)
+      MODES[mode](config, workdir, allow_config_change=allow_config_change)
   except errors.ConfigError as e:
     _fail(errors.EXIT_BAD_INPUT, f'Invalid config: {e}')
   except errors.BadInput as e:
@@ -155,7 +166,7 @@ def main(argv):
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   workdir = FLAGS.workdir if '://' in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
-  run(FLAGS.config, workdir)
+  run(FLAGS.config, workdir, FLAGS.allow_config_change)
 
 
 if __name__ == '__main__':

@@ -10,6 +10,24 @@ Parameters fall into three groups:
 With ``config.optimizer.head_lr`` set, a fourth group 'head' (the
 classifier of a supervised model) gets its own learning rate, as fine-tuning
 does (paper App. B.2: 0.002 for the backbone, 0.5 for the classifier).
+
+'lars' is the official Barlow Twins LARS (facebookresearch/barlowtwins,
+main.py), step by step. Per parameter p with gradient g:
+    if p is a kernel (ndim > 1): g += weight_decay * p
+                                 g *= eta * |p| / |g|  (1 if either norm is 0)
+    mu = momentum * mu + g
+    p -= lr(step) * mu
+with lr(step) = ``learning_rate_schedule`` ('warmup_cosine' is the official
+``adjust_learning_rate``) times optimizer.lr for kernels and optimizer.bias_lr
+for biases and BN (the paper's 0.2 and 0.0048, per 256 images). The official
+code splits on ndim == 1; ndim <= 1 here (the same without scalar params).
+The learning rate multiplies the momentum buffer, *after* it accumulates, as
+in the official code and in PyTorch SGD. ``optax.lars`` puts the learning
+rate before the momentum trace instead (mu = momentum * mu + lr(step) * g):
+the two agree only for a constant learning rate; with warmup and cosine
+decay every step's update differs (during warmup the buffer holds gradients
+scaled by the earlier, smaller rates). Hence ``lars`` below is assembled
+from optax pieces in the official order.
 """
 
 import functools
@@ -35,13 +53,45 @@ def param_groups(params, separate_head: bool = False):
       return 'probe'
     if separate_head and HEAD_MODULE in names:
       return 'head'
-    return 'weights' if leaf.ndim > 1 else 'norm_and_bias'
+    return 'weights' if _is_kernel(leaf) else 'norm_and_bias'
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _is_kernel(leaf) -> bool:
+  """Kernels get weight decay and the LARS trust ratio; biases and BN do not."""
+  return leaf.ndim > 1
+
+
+def _kernels_mask(params):
+  return jax.tree.map(_is_kernel, params)
+
+
+def lars(learning_rate, weight_decay: float, momentum: float, trust_coefficient: float):
+  """The official Barlow Twins LARS (see the module docstring).
+
+  Biases and BN parameters (ndim <= 1) get no weight decay and no trust ratio
+  (the official ``exclude_bias_and_norm`` filters), so for them this is SGD
+  with momentum. The trust ratio's zero-norm rule (ratio 1 if the parameter
+  or the decayed update has norm 0) and eps=0 are the official ones.
+
+  Args:
+    learning_rate: a float or an optax schedule of the step (0 at the first
+      update), applied to the momentum buffer.
+    weight_decay: added to the gradient of kernels as weight_decay * p.
+    momentum: of the buffer mu (which starts at zeros).
+    trust_coefficient: LARS eta.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=_kernels_mask),
+      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=0.0),
+                   _kernels_mask),
+      optax.trace(decay=momentum, nesterov=False),
+      optax.scale_by_learning_rate(learning_rate))
 
 
 def num_train_steps(config, steps_per_epoch: int) -> int:
   """config.num_steps if set, else config.num_epochs converted to steps."""
-  if config.get('num_steps'):
+  if config.get('num_steps') is not None:
     return int(config.num_steps)
   if not config.get('num_epochs') or config.num_epochs <= 0:
     raise ValueError('Set config.num_epochs > 0 or config.num_steps > 0.')
@@ -51,7 +101,11 @@ def num_train_steps(config, steps_per_epoch: int) -> int:
 def learning_rate_schedule(config, base_lr: float, steps_per_epoch: int, total_steps: int):
   """Schedule for a peak learning rate already scaled by batch size.
 
-  'warmup_cosine' (paper): linear warmup from 0, cosine to end_lr_factor * peak.
+  'warmup_cosine' (paper): linear warmup from 0, cosine to end_lr_factor * peak
+  over the remaining total_steps - warmup steps; with warmup_epochs=10 and
+  end_lr_factor=0.001 it is the official ``adjust_learning_rate``:
+  peak * step / warmup during warmup, then peak * q + end * (1 - q) with
+  q = (1 + cos(pi * (step - warmup) / (total_steps - warmup))) / 2.
   'cosine_restarts' (seed 000, SGDR): cosine cycles of restart_epochs, the
   first one after the warmup.
   'constant': the peak, after warmup.
@@ -86,10 +140,12 @@ def _scaled(lr: float, batch_size: int, opt) -> float:
 def _weights_and_bias_transforms(opt, weights_lr, bias_lr):
   """(transformation for kernels, for biases and BN) of the named optimiser."""
   if opt.name == 'lars':
-    weights = optax.lars(weights_lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
-                         trust_coefficient=opt.trust_coefficient)
-    # No decay and no trust ratio: plain SGD with momentum, as in the paper.
-    return weights, optax.sgd(bias_lr, momentum=opt.momentum)
+    # One LARS for both groups, as in the official code: its masks leave
+    # biases and BN without decay and trust ratio (SGD with momentum).
+    def make(lr):
+      return lars(lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
+                  trust_coefficient=opt.trust_coefficient)
+    return make(weights_lr), make(bias_lr)
   if opt.name == 'sgd':
     weights = optax.chain(optax.add_decayed_weights(opt.weight_decay),
                           optax.sgd(weights_lr, momentum=opt.momentum, nesterov=opt.nesterov))
@@ -122,7 +178,8 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int):
   if separate_head:
     head_lr = schedule(opt.head_lr)
     # One optimiser for kernel and bias of the head: the split into groups is
-    # about the backbone's BN and biases.
+    # about the backbone's BN and biases ('lars' still spares the head's bias
+    # decay and trust ratio, by its own mask).
     transforms['head'] = _weights_and_bias_transforms(opt, head_lr, head_lr)[0]
   tx = optax.multi_transform(
       transforms, functools.partial(param_groups, separate_head=separate_head))

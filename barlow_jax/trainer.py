@@ -141,11 +141,40 @@ class Length:
     return cls(steps_per_epoch, optim.num_train_steps(config, steps_per_epoch))
 
 
+def _restore_or_init(config, workdir: str, model, tx: optax.GradientTransformation, mesh: Mesh,
+                     init_variables: Optional[dict], allow_config_change: bool):
+  """The run's Orbax manager and state: its latest checkpoint restored, or a new state.
+
+  The config the run recorded is compared with ``config`` before anything is
+  restored (workdir.check_resume: a change is refused unless allowed), and
+  config.json (a new run) or the accepted change (config_changes.json) is
+  written only once the state is restored: a refusal or a failed restore
+  (bad input) changes nothing in the workdir.
+  """
+  steps = checkpoint.saved_steps(workdir)
+  resume_step = steps[-1] if steps else None
+  differences = workdir_lib.check_resume(workdir, config, resume_step, allow_config_change)
+  mngr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+  init = functools.partial(create_train_state, model, tx, mesh, config.seed,
+                           config.augment.crop_size, init_variables)
+  if resume_step is None:
+    state = init()
+  else:  # Restored into the state's shapes: nothing is initialised (or compiled) to be overwritten.
+    replicated = mesh_lib.replicated(mesh)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(init))
+    logging.info('Resuming from checkpoint step %d in %s.', resume_step, mngr.directory)
+    state = checkpoint.restore(mngr, resume_step, target)
+  workdir_lib.record_start(workdir, config, resume_step, differences)
+  return mngr, state
+
+
 def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, mesh: Mesh, *,
-        num_views: int, console_keys: Sequence[str],
-        hooks: Sequence[loop.Hook] = (), init_variables: Optional[dict] = None) -> TrainState:
+        num_views: int, console_keys: Sequence[str], hooks: Sequence[loop.Hook] = (),
+        init_variables: Optional[dict] = None, allow_config_change: bool = False) -> TrainState:
   """Trains ``model`` on ``data`` into ``workdir``, resuming from its latest checkpoint.
 
+  A resumed run must have the config it recorded (workdir.check_resume);
   ``workdir``/config.json and the TensorBoard scalars are written only once
   the state is restored: a restore that fails (bad input) changes nothing.
 
@@ -162,17 +191,17 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
     hooks: called after every step (loop.run_steps).
     init_variables: {'params', 'batch_stats'} whose 'backbone' initialises the
       encoder of a fresh run; a resumed run keeps its own weights.
+    allow_config_change: resume even if the config differs from the run's
+      (recorded in config_changes.json) instead of refusing.
 
   Returns:
     The final state, replicated over the mesh.
   """
+  pipeline.check_batch_fits(data, config)
   length = Length.of(config, data.num_global)
   tx, lr_schedule = optim.create_optimizer(config, length.steps_per_epoch, length.total_steps)
-  mngr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
-  state = create_train_state(model, tx, mesh, config.seed, config.augment.crop_size,
-                             init_variables)
-  state = checkpoint.restore_latest(mngr, state)
-  workdir_lib.write_config(workdir, config)
+  mngr, state = _restore_or_init(config, workdir, model, tx, mesh, init_variables,
+                                 allow_config_change)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   start_step = int(state.step)
   logging.info('%d examples, %d steps/epoch, %d steps, start at %d; %d devices, %d processes.',

@@ -5,6 +5,7 @@ here. Single-device references use a 1-device mesh of the same process.
 """
 
 import atexit
+import hashlib
 import os
 import pathlib
 import shutil
@@ -91,6 +92,13 @@ def pretraining_workdir(path, config, step: int = 2):
   manager.close()
   (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
   return path
+
+
+def snapshot(workdir) -> dict:
+  """{relative path: sha256} of every file of ``workdir``; the lock file is the one a run may add."""
+  workdir = pathlib.Path(workdir)
+  return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(workdir.rglob('*')) if p.is_file() and p.name != '.lock'}
 
 
 def tiny_supervised_config(arg: str = ''):

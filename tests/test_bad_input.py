@@ -1,11 +1,17 @@
 """Bad input exits with status 2 and a message naming the problem, before compiling, workdir intact.
 
+The command-line cases run in subprocesses (flag parsing, start-up, a second
+process holding the lock); the rest in this process through main.run, which
+maps errors to exit statuses the same way: a resumed config that differs from
+the recorded one, another optimiser, splits, lengths, evaluation stages
+pointed at the wrong workdir or checkpoint.
+
 Also the NaN stop: a diverging run exits with status 3 naming the step range,
 keeping its last good checkpoint.
 """
 
 import concurrent.futures
-import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -16,13 +22,11 @@ import numpy as np
 import pytest
 
 import cli_runs
-from conftest import REPO, needs_cifar10, pretraining_workdir, tiny_config
-
-
-def _snapshot(workdir: pathlib.Path) -> dict:
-  """{relative path: sha256} of every file; the lock file is the one file a run may add."""
-  return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(workdir.rglob('*')) if p.is_file() and p.name != '.lock'}
+from barlow_jax import config_files
+from barlow_jax import main
+from conftest import (DATA_DIR, REPO, needs_cifar10, pretraining_workdir, tiny_config,
+                      tiny_supervised_config)
+from conftest import snapshot as _snapshot
 
 
 def _corrupt_arrays(workdir: pathlib.Path) -> None:
@@ -109,7 +113,8 @@ def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path,
        ["Dataset 'cifar10' is not prepared", str(empty_data_dir)]),
       ('corrupt checkpoint', corrupt, cli_runs.main_cmd(corrupt, config),
        ['CheckpointError', f'{corrupt}/checkpoints/2', 'corrupt', 'aside to resume']),
-      ('incompatible checkpoint', good, cli_runs.main_cmd(good, wider),
+      # Allowed to differ from the recorded config, the checkpoint still has to fit the model.
+      ('incompatible checkpoint', good, cli_runs.main_cmd(good, wider, '--allow_config_change'),
        ['CheckpointError', 'another architecture', "params['backbone']"]),
       ('unwritable workdir', a_file / 'run', cli_runs.main_cmd(a_file / 'run', config),
        ['WorkdirError', f"workdir '{a_file / 'run'}' is not writable"]),
@@ -159,3 +164,101 @@ def test_non_finite_loss_exits_3_naming_the_steps_and_keeps_the_last_good_checkp
   kept = cli_runs.load_state(workdir, config)
   assert int(kept.step) == 1
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(kept.params))
+
+
+def _linear_config(pretrained_workdir, **overrides):
+  config = config_files.load('cifar_linear')
+  config.pretrained_workdir = str(pretrained_workdir)
+  config.data_dir, config.download = DATA_DIR, False
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _finetune_config(pretrained_workdir):
+  config = config_files.load('cifar_finetune')
+  config.pretrained_workdir = str(pretrained_workdir)
+  config.data_dir, config.download = DATA_DIR, False
+  return config
+
+
+def _changed(**overrides):
+  """tiny_config with dotted keys overridden."""
+  config = tiny_config()
+  for key, value in overrides.items():
+    *parents, last = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+@needs_cifar10
+def test_each_bad_input_in_process_exits_2_with_a_short_message_and_the_workdir_intact(
+    tmp_path, capsys):
+  """Mistakes caught before anything compiles, run in this process (no start-up to pay)."""
+  good = pretraining_workdir(tmp_path / 'good', tiny_config())
+  no_checkpoints = tmp_path / 'no_checkpoints'
+  no_checkpoints.mkdir()
+  (no_checkpoints / 'config.json').write_text(tiny_config().to_json_best_effort())
+  supervised_run = tmp_path / 'supervised_run'
+  supervised_run.mkdir()
+  (supervised_run / 'config.json').write_text(tiny_supervised_config().to_json_best_effort())
+  bad_eval_split = tiny_supervised_config()
+  bad_eval_split.eval.test_split = 'tset'
+  new = lambda name: tmp_path / name  # A workdir that does not exist yet.
+
+  # (name, config, workdir, --allow_config_change, what stderr must say)
+  cases = [
+      ('resume with another batch, lambd and lr', _changed(
+          batch_size=32, lambd=0.01, **{'optimizer.lr': 0.5, 'log_every': 1}), good, False,
+       ['ConfigChangedError', f'{good} holds a run (latest checkpoint: step 2)',
+        '3 key(s) differ', 'batch_size: 16 -> 32', 'lambd: 0.0051 -> 0.01',
+        'optimizer.lr: 0.3 -> 0.5', '--allow_config_change']),
+      ('resume for longer', _changed(num_steps=8), good, False,
+       ['ConfigChangedError', 'num_steps: 4 -> 8', 'learning-rate schedule']),
+      ('resume with another optimizer, change allowed', _changed(**{'optimizer.name': 'adamw'}),
+       good, True, ['CheckpointError', 'another optimiser', 'in the checkpoint only',
+                    "in the config's optimiser only"]),
+      ('unknown split', _changed(train_split='trian'), new('w_split'), False,
+       ["config.train_split='trian' is not a split of cifar10", "'train' (50000)",
+        "'test' (10000)"]),
+      ('split smaller than the batch', _changed(train_split='train[:8]'), new('w_small'), False,
+       ["config.train_split='train[:8]' holds 8 training examples, fewer than one batch of "
+        'config.batch_size=16']),
+      ('unknown evaluation split', bad_eval_split, new('w_eval'), False,
+       ["config.eval.test_split='tset' is not a split of cifar10"]),
+      ('num_steps 0', _changed(num_steps=0), new('w_steps'), False,
+       ['config.num_steps=0 must be positive']),
+      ('num_epochs 0', _changed(num_steps=None, num_epochs=0.0), new('w_epochs'), False,
+       ['config.num_epochs=0.0 must be positive']),
+      ('probe of a workdir without checkpoints', _linear_config(no_checkpoints), new('w_probe1'),
+       False, ['CheckpointError', f'{no_checkpoints} has no checkpoint']),
+      ('probe of a checkpoint that does not exist', _linear_config(good, checkpoint_step=7),
+       new('w_probe2'), False, [f'{good} has no checkpoint 7', 'its checkpoints: [2]']),
+      ('probe of a supervised workdir', _linear_config(supervised_run), new('w_probe3'), False,
+       ['WorkdirError', f"config.pretrained_workdir='{supervised_run}' is the workdir of a "
+        "'supervised' run (its config.json has mode='supervised'), not of a pretraining run"]),
+      ('fine-tuning of a supervised workdir', _finetune_config(supervised_run), new('w_ft'),
+       False, ["is the workdir of a 'supervised' run"]),
+  ]
+  failures = []
+  for name, config, workdir, allow, messages in cases:
+    before = _snapshot(workdir) if workdir.is_dir() else None
+    with pytest.raises(SystemExit) as exit_info:
+      main.run(config, str(workdir), allow_config_change=allow)
+    stderr = capsys.readouterr().err
+    problems = [f'exit status {exit_info.value.code}'] if exit_info.value.code != 2 else []
+    problems += [f'no {m!r} in stderr' for m in messages if m not in stderr]
+    if len(stderr) > 2000:
+      problems.append(f'{len(stderr)} characters of message')
+    if before is not None and _snapshot(workdir) != before:
+      problems.append('workdir changed')
+    if before is None and workdir.exists() and os.listdir(workdir) not in ([], ['.lock']):
+      problems.append(f'new workdir holds {os.listdir(workdir)}')
+    if problems:
+      failures.append(f'{name}: {problems}\n{stderr[-2000:]}')
+  assert not failures, '\n\n'.join(failures)
+  assert not (good / 'config_changes.json').exists()
+  assert json.loads((good / 'config.json').read_text())['batch_size'] == 16

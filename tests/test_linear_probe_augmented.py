@@ -26,7 +26,7 @@ from barlow_jax.models import factory
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import linear
 from conftest import (DATA_DIR, config_module, features, needs_cifar10, pretraining_workdir,
-                      tiny_config)
+                      snapshot, tiny_config)
 
 
 SPLIT = 'train[:96]'  # 3 batches of 32 per epoch.
@@ -129,6 +129,7 @@ def test_stage_end_to_end_on_a_pretraining_checkpoint(tmp_path, small_resnet, ca
   pretraining = tiny_config()
   pretraining.model.encoder = small_resnet
   pretraining_workdir(tmp_path / 'bt', pretraining, step=2)
+  pretrained_files = snapshot(tmp_path / 'bt')
 
   config = cifar_linear.get_config()
   config.pretrained_workdir = str(tmp_path / 'bt')
@@ -156,7 +157,8 @@ def test_stage_end_to_end_on_a_pretraining_checkpoint(tmp_path, small_resnet, ca
   assert 'Augmented probe: 100 examples, 6 steps of 32 (2 epochs), start at 0' in caplog.text
   assert 'step 6/6  loss' in caplog.text  # A progress line per epoch, the last one here.
   assert (tmp_path / 'probe' / 'checkpoints' / '6').is_dir()  # In the probe's own workdir,
-  assert not (tmp_path / 'bt' / 'checkpoints' / '6').exists()  # never the pretraining one.
+  assert snapshot(tmp_path / 'bt') == pretrained_files  # never in the pretraining one.
+  assert json.loads((tmp_path / 'probe' / 'config.json').read_text())['mode'] == 'linear'
   table = (tmp_path / 'probe' / 'results.md').read_text()
   assert '| linear, trained on augmented views |' in table
   assert '| linear, on augmented test images (probe.view) |' in table

@@ -1,8 +1,14 @@
 """The one-command comparison of Ghosh, Ghosh & Das (2022): what each row runs, and its table."""
 
+import json
+
+import pytest
+
 from barlow_jax import config_files
 from barlow_jax import config_validation
+from barlow_jax import errors
 from barlow_jax.experiments import reproduce
+from barlow_jax.runtime import workdir as workdir_lib
 from conftest import DATA_DIR
 
 
@@ -61,3 +67,30 @@ def test_table_puts_our_numbers_beside_the_seeds():
   assert '| Barlow Twins + kNN (k=20) | 45.00 | 44.00 | — | — |' in text
   assert ('| Barlow Twins + fine-tuning | 60.00 | 59.00 | — | — | '
           f'resnet18 w8, proj {pre.model.projector}, 30 ep, then 20 ep |') in lines
+
+
+def test_a_finished_row_is_reused_only_under_the_config_it_recorded(tmp_path):
+  _, probe, tune, _, _ = _configs(0.1, 'cpu', 30.0, 15.0, DATA_DIR)
+  calls = []
+
+  def fake_stage(config, workdir, allow_config_change=False):
+    calls.append(allow_config_change)
+    workdir_lib.record_start(workdir, config, None, [])
+    workdir_lib.write_results(workdir, {'linear': 0.5}, '')
+    return {'linear': 0.5}
+
+  row = str(tmp_path / 'probe')
+  (tmp_path / 'probe').mkdir()
+  assert reproduce._reuse_or_run(row, fake_stage, probe, False) == {'linear': 0.5}
+  assert reproduce._reuse_or_run(row, fake_stage, probe, False) == {'linear': 0.5}
+  assert calls == [False]  # Reused.
+  probe.probe.epochs = 7
+  with pytest.raises(errors.ConfigChangedError, match=r'probe\.epochs: 100 -> 7'):
+    reproduce._reuse_or_run(row, fake_stage, probe, False)
+  reproduce._reuse_or_run(row, fake_stage, probe, True)
+  assert calls == [False, True]  # Run again under the new config.
+  # A stage that records another config than it is given: compared with that one.
+  recorded = json.loads((tmp_path / 'probe' / 'config.json').read_text())
+  assert recorded['probe']['epochs'] == 7
+  assert reproduce._reuse_or_run(row, fake_stage, tune, False, recorded_as=probe) == {
+      'linear': 0.5}

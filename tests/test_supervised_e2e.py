@@ -15,7 +15,7 @@ from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import pretrain
 from conftest import (config_module, DATA_DIR, assert_png_not_blank, needs_cifar10, pretraining_workdir,
-                      tiny_config, tiny_supervised_config)
+                      snapshot, tiny_config, tiny_supervised_config)
 
 cifar_finetune = config_module('cifar_finetune')
 
@@ -46,6 +46,7 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   pretraining.model.encoder = small_resnet
   pretraining.seed = 1  # Another initialisation than the fine-tuning model's own (seed 0).
   pretraining_workdir(tmp_path / 'bt', pretraining, step=2)
+  pretrained_files = snapshot(tmp_path / 'bt')
 
   config = cifar_finetune.get_config()
   config.pretrained_workdir = str(tmp_path / 'bt')
@@ -56,6 +57,7 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   config.eval.train_split, config.eval.test_split, config.eval.batch_size = (
       'train[:40]', 'test[:40]', 16)
   results = finetune.run(config, str(tmp_path / 'ft'))
+  assert snapshot(tmp_path / 'bt') == pretrained_files  # The pretraining workdir is only read.
 
   saved = json.loads((tmp_path / 'ft' / 'results.json').read_text())
   assert saved['test']['top1'] == results['test']['top1']

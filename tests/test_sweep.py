@@ -10,6 +10,7 @@ from barlow_jax import config_files
 from barlow_jax import errors
 from barlow_jax import plots
 from barlow_jax.experiments import sweep
+from barlow_jax.runtime import workdir as workdir_lib
 from conftest import assert_png_not_blank, tiny_supervised_config
 
 GAMMAS = (0.0, 1e-3, 1e-2)
@@ -31,11 +32,12 @@ class FakeRun:
   def __init__(self, crash_at=None):
     self.calls, self.crash_at = [], crash_at
 
-  def __call__(self, config, workdir):
+  def __call__(self, config, workdir, allow_config_change=False):
     if len(self.calls) == self.crash_at:
       raise Interrupted()
     self.calls.append((config.gamma, config.seed))
     os.makedirs(workdir, exist_ok=True)
+    workdir_lib.write_config(workdir, config)  # As trainer.fit records it.
     rng = np.random.default_rng(int(config.seed * 1000 + config.gamma * 1e4))
     labels = np.arange(60) % 10
     np.savez(os.path.join(workdir, 'embeddings_2d.npz'), labels=labels,
@@ -77,6 +79,29 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_runs(tmp_path):
   assert saved['best_gamma'] == 1e-3 and saved['config']['model']['encoder'] == 'resnet18'
   for method in ('pca', 'tsne'):
     assert_png_not_blank(tmp_path / f'embeddings_{method}.png')
+
+
+def test_finished_runs_are_reused_only_under_the_config_they_recorded(tmp_path):
+  config = tiny_supervised_config()
+  sweep.run_sweep(config, (0.0, 1e-2), 1, str(tmp_path), run_fn=FakeRun())
+  where = tmp_path / 'gamma_0' / 'seed_0'
+  before = (where / 'results.json').read_text()
+
+  config.log_every = 1  # Changes nothing a run computes: reused.
+  again = FakeRun()
+  sweep.run_sweep(config, (0.0, 1e-2), 1, str(tmp_path), run_fn=again)
+  assert again.calls == []
+
+  config.lambd = 0.01  # Another run: its old numbers are not this config's.
+  with pytest.raises(errors.ConfigChangedError) as refused:
+    sweep.run_sweep(config, (0.0, 1e-2), 1, str(tmp_path), run_fn=FakeRun())
+  assert f'{where} holds finished results' in str(refused.value)
+  assert 'lambd: 0.0051 -> 0.01' in str(refused.value)
+  assert (where / 'results.json').read_text() == before
+
+  rerun = FakeRun()
+  sweep.run_sweep(config, (0.0, 1e-2), 1, str(tmp_path), run_fn=rerun, allow_config_change=True)
+  assert rerun.calls == [(0.0, 0), (1e-2, 0)]
 
 
 def test_single_seed_has_zero_std_and_no_stderr_ratio(tmp_path):

@@ -11,6 +11,7 @@ from typing import Optional
 
 import tensorflow_datasets as tfds
 
+from barlow_jax.data import download as download_lib
 from barlow_jax.errors import ConfigError, DatasetNotFoundError
 
 
@@ -49,6 +50,8 @@ def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core
 
   Raises:
     DatasetNotFoundError: not prepared in ``data_dir`` and ``download`` is False.
+    DatasetDownloadError: (a DatasetNotFoundError) not prepared, and the download
+      host is unreachable or the download failed (data/download.py).
   """
   spec = dataset_spec(name)
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
@@ -57,5 +60,32 @@ def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core
       raise DatasetNotFoundError(
           f'Dataset {spec.tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
           '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
-    builder.download_and_prepare()
+    download_lib.prepare(builder, spec.tfds_name)
   return builder
+
+
+def split_size(builder: tfds.core.DatasetBuilder, split: str, key: str) -> int:
+  """Examples in ``split`` from the dataset's metadata (nothing is read).
+
+  Args:
+    builder: the prepared builder.
+    split: a TFDS split expression ('train', 'train[:10%]', 'train+unlabelled').
+    key: the config key holding it, for the message ('train_split').
+
+  Raises:
+    ConfigError: naming ``key`` and listing the splits: no such split, a slice
+      out of range, or an empty split.
+  """
+  try:
+    size = builder.info.splits[split].num_examples
+  except (KeyError, ValueError, AssertionError) as e:
+    raise ConfigError(f'config.{key}={split!r} is not a split of {builder.name} (its splits: '
+                      f'{_split_sizes(builder)}): {e}') from None
+  if size == 0:
+    raise ConfigError(f'config.{key}={split!r} of {builder.name} is empty (its splits: '
+                      f'{_split_sizes(builder)}).')
+  return size
+
+
+def _split_sizes(builder) -> str:
+  return ', '.join(f'{name!r} ({info.num_examples})' for name, info in builder.info.splits.items())

@@ -69,6 +69,7 @@ def load_train_data(config) -> TrainData:
   """Resolves the dataset, the per-process split and the balanced fraction."""
   spec = datasets.dataset_spec(config.dataset)
   builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
+  datasets.split_size(builder, config.train_split, 'train_split')
   local_split = tfds.split_for_jax_process(config.train_split)
   if config.fraction >= 1.0:
     return TrainData(builder, local_split, None, builder.info.splits[local_split].num_examples,
@@ -84,6 +85,23 @@ def load_train_data(config) -> TrainData:
   logging.info('Balanced fraction %.3f: %d of %d examples (%d on this process).',
                config.fraction, len(keep), len(ids), num_local)
   return TrainData(builder, local_split, keep, num_local, len(keep), spec)
+
+
+def check_batch_fits(data: TrainData, config) -> None:
+  """ConfigError unless the training set holds a batch (on every process), before anything is written.
+
+  Args:
+    data: from load_train_data(config).
+    config: train_split, fraction, batch_size.
+  """
+  local_batch = config.batch_size // jax.process_count()
+  if data.num_local < local_batch:
+    fraction = f' (config.fraction={config.fraction})' if config.fraction < 1.0 else ''
+    per_process = (f', {data.num_local} on this process of {jax.process_count()}'
+                   if jax.process_count() > 1 else '')
+    raise ConfigError(f'config.train_split={config.train_split!r}{fraction} holds '
+                      f'{data.num_global} training examples{per_process}, fewer than one batch '
+                      f'of config.batch_size={config.batch_size}.')
 
 
 def _decode_fn(data: TrainData):

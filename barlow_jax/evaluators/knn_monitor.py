@@ -40,16 +40,6 @@ def fires_at(step: int, period: int, total_steps: int) -> bool:
   return period > 0 and (step % period == 0 or step == total_steps)
 
 
-def _num_examples(builder, split: str, key: str) -> int:
-  """Examples in ``split`` from the dataset's metadata; ConfigError naming ``key`` if invalid."""
-  try:
-    return builder.info.splits[split].num_examples
-  except (KeyError, ValueError, AssertionError) as e:
-    raise ConfigError(
-        f'config.knn_monitor.{key}={split!r} is not a split of {builder.name} '
-        f'({sorted(builder.info.splits)}): {e}') from None
-
-
 def knn_top1(config, variables, mesh, predict_fn: predict.PredictFn) -> float:
   """kNN top-1 accuracy of ``variables`` on config.knn_monitor's splits.
 
@@ -97,8 +87,8 @@ def make_hook(config, steps_per_epoch: int, total_steps: int,
   if period == 0:
     return None
   builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
-  bank = _num_examples(builder, m.train_split, 'train_split')
-  _num_examples(builder, m.test_split, 'test_split')
+  bank = datasets.split_size(builder, m.train_split, 'knn_monitor.train_split')
+  datasets.split_size(builder, m.test_split, 'knn_monitor.test_split')
   if bank < m.k:
     raise ConfigError(
         f'config.knn_monitor.k={m.k} is larger than the memory bank '

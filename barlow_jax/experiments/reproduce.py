@@ -18,7 +18,10 @@ results already exist in the sub-workdir:
                      (configs/cifar_supervised.py: ResNet-50, 100 epochs at scale 'full';
                      the quick-start encoder for cpu_supervised_epochs at scale 'cpu');
 and writes results.md / results.json with the paper's published numbers beside
-ours, each row labelled with its model and training length.
+ours, each row labelled with its model and training length. A finished row is
+reused only if it recorded the config it would be run with now (outside
+runtime/workdir.FREE_KEYS); otherwise the comparison stops naming the row's
+directory and the keys, unless --allow_config_change, which runs it again.
 """
 
 import os
@@ -95,12 +98,18 @@ def stage_configs(config, pretrained_workdir: str = '') -> StageConfigs:
   return StageConfigs(pretraining, probe, finetuning, pixels, from_scratch)
 
 
-def _reuse_or_run(workdir: str, fn, config) -> dict:
-  finished = workdir_lib.read_results(workdir)
+def _reuse_or_run(workdir: str, fn, config, allow_config_change: bool,
+                  recorded_as=None) -> dict:
+  """The row's results: reused if it finished under the same config, else (re)run.
+
+  ``recorded_as`` is the config the stage records, when it is not ``config``
+  itself (fine-tuning records the supervised config it derives).
+  """
+  finished = workdir_lib.finished_results(workdir, recorded_as or config, allow_config_change)
   if finished is not None:
     logging.info('Reusing %s.', workdir)
     return finished
-  return fn(config, workdir)
+  return fn(config, workdir, allow_config_change=allow_config_change)
 
 
 def _model_and_length(config) -> str:
@@ -162,20 +171,21 @@ def validate(config) -> None:
       raise ConfigError(f'config.{key}={config[key]} must be positive.')
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Runs (or reuses) every row of the comparison into ``workdir``; writes the table."""
   validate(config)
   pretrained_workdir = os.path.join(workdir, 'pretrain')
   runs = stage_configs(config, pretrained_workdir)
-  pretrain.run(runs.pretrain, pretrained_workdir)  # Resumes, or returns at once when finished.
-  probe_results = _reuse_or_run(os.path.join(workdir, 'probe'), linear.run, runs.probe)
-  finetune_results = _reuse_or_run(os.path.join(workdir, 'finetune'), finetune.run,
-                                   runs.finetune)
-  base_results = _reuse_or_run(os.path.join(workdir, 'baselines'), baselines.run,
-                               runs.baselines)
-  supervised_results = {
-      name: (c, _reuse_or_run(os.path.join(workdir, name), supervised.run, c))
-      for name, c in runs.supervised.items()}
+  # Resumes (under the same config), or returns at once when finished.
+  pretrain.run(runs.pretrain, pretrained_workdir, allow_config_change=allow_config_change)
+  reuse = lambda name, fn, c, recorded_as=None: _reuse_or_run(
+      os.path.join(workdir, name), fn, c, allow_config_change, recorded_as)
+  probe_results = reuse('probe', linear.run, runs.probe)
+  finetune_results = reuse('finetune', finetune.run, runs.finetune, finetune.supervised_config(
+      runs.finetune, workdir_lib.read_config(pretrained_workdir)))
+  base_results = reuse('baselines', baselines.run, runs.baselines)
+  supervised_results = {name: (c, reuse(name, supervised.run, c))
+                        for name, c in runs.supervised.items()}
   text = table(config.fraction, runs.pretrain, probe_results, finetune_results, base_results,
                supervised_results)
   results = {'fraction': config.fraction, 'scale': config.scale, 'probe': probe_results,

@@ -6,7 +6,10 @@ r"""A gamma x seed grid of supervised runs, and a table shaped like Ramyaa (2022
 Each run has its own workdir, ``<workdir>/gamma_<g>/seed_<s>``; a run whose
 results.json exists is read back instead of trained, and an unfinished one
 resumes from its checkpoint, so rerunning an interrupted sweep continues
-where it stopped. Runs go seed by seed (every gamma of seed 0 first), so a
+where it stopped. Both only under the config the run recorded (outside
+runtime/workdir.FREE_KEYS): a sweep rerun with other settings stops naming
+the run and the keys, unless --allow_config_change, which runs (or resumes)
+them under the new settings. Runs go seed by seed (every gamma of seed 0 first), so a
 partial sweep already compares all gammas. Writes ``results.json`` and
 ``results.md`` (train / test / augmented-test accuracy, mean +- std over
 seeds per gamma; gamma = 0 is the cross-entropy baseline) and, from the
@@ -37,7 +40,7 @@ def run_dir(workdir: str, gamma: float, seed: int) -> str:
 
 
 def run_sweep(config, gammas: Sequence[float], num_seeds: int, workdir: str,
-              run_fn: Callable = supervised.run) -> dict:
+              run_fn: Callable = supervised.run, allow_config_change: bool = False) -> dict:
   """Runs (or reads back) every (gamma, seed) and writes the summary.
 
   Args:
@@ -45,7 +48,13 @@ def run_sweep(config, gammas: Sequence[float], num_seeds: int, workdir: str,
     gammas: the gamma values; include 0 for the baseline.
     num_seeds: seeds config.seed, config.seed + 1, ...
     workdir: the sweep's directory.
-    run_fn: ``(config, workdir) -> results dict``; supervised.run.
+    run_fn: ``(config, workdir, allow_config_change=...) -> results dict``;
+      supervised.run.
+    allow_config_change: run (or resume) runs recorded with another config
+      under this one instead of refusing.
+
+  Raises:
+    ConfigChangedError: a run finished (or started) with another config.
 
   Returns:
     The summary written to ``workdir``/results.json.
@@ -55,15 +64,15 @@ def run_sweep(config, gammas: Sequence[float], num_seeds: int, workdir: str,
   for seed in seeds:
     for gamma in gammas:
       directory = run_dir(workdir, gamma, seed)
-      finished = workdir_lib.read_results(directory)
+      run_config = ml_collections.ConfigDict(config.to_dict())
+      run_config.gamma, run_config.seed = float(gamma), int(seed)
+      finished = workdir_lib.finished_results(directory, run_config, allow_config_change)
       if finished is not None:
         logging.info('gamma %g seed %d: finished before, reading %s.', gamma, seed, directory)
         runs[(gamma, seed)] = finished
         continue
       logging.info('gamma %g seed %d: running in %s.', gamma, seed, directory)
-      run_config = ml_collections.ConfigDict(config.to_dict())
-      run_config.gamma, run_config.seed = float(gamma), int(seed)
-      runs[(gamma, seed)] = run_fn(run_config, directory)
+      runs[(gamma, seed)] = run_fn(run_config, directory, allow_config_change=allow_config_change)
   summary = summarize(runs, gammas, seeds)
   summary['workdir'] = workdir
   _write(summary, config, workdir)
@@ -192,9 +201,10 @@ def validate(config) -> None:
   config_validation.validate_supervised(config.run)
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   """The sweep of a sweep config: every (gamma, seed) of ``config.run``; the summary."""
   validate(config)
-  summary = run_sweep(config.run, [float(g) for g in config.gammas], config.num_seeds, workdir)
+  summary = run_sweep(config.run, [float(g) for g in config.gammas], config.num_seeds, workdir,
+                      allow_config_change=allow_config_change)
   print(markdown(summary, config.run))
   return summary

@@ -3,6 +3,7 @@
 Sizes are given as strings, '8192-8192-8192', so that configs stay flat.
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -23,8 +24,18 @@ def parse_mlp_spec(spec: str) -> tuple[int, ...]:
   return sizes
 
 
+# torch.nn.Linear's default weight init, kaiming_uniform(a=sqrt(5)), is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)): variance 1/(3 fan_in). The official
+# projector keeps it (Flax's default, lecun_normal, has variance 1/fan_in).
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
 class Projector(nn.Module):
-  """Linear-BN-ReLU for every layer but the last, which is a plain Linear (paper §2)."""
+  """Linear-BN-ReLU for every layer but the last, which is a plain Linear (paper §2).
+
+  As the official code: no biases, BatchNorm1d with PyTorch's defaults,
+  torch's default Linear initialisation.
+  """
   sizes: Sequence[int]
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
@@ -32,10 +43,11 @@ class Projector(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     norm = encoders.batch_norm(train, self.axis_name, self.dtype)
+    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype,
+                              kernel_init=TORCH_LINEAR_INIT)
     for size in self.sizes[:-1]:
-      x = nn.Dense(size, use_bias=False, dtype=self.dtype)(x)
-      x = nn.relu(norm()(x))
-    return nn.Dense(self.sizes[-1], use_bias=False, dtype=self.dtype)(x)
+      x = nn.relu(norm()(dense(size)(x)))
+    return dense(self.sizes[-1])(x)
 
 
 class MLP(nn.Module):

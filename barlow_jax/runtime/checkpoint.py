@@ -2,12 +2,14 @@
 
 Every restore goes through ``restore``: it reads the checkpoint's metadata
 first and compares shapes with what the caller expects, so a checkpoint of
-another architecture fails with the list of differing arrays instead of an
-Orbax error, and an unreadable one fails naming its path. Both raise
+another architecture fails with the list of differing arrays, and one of
+another optimiser with the few lines in which the two optimiser states
+differ, instead of an Orbax error; an unreadable one fails naming its path. Both raise
 ``CheckpointError`` (exit status 2 on the command line); nothing in the
 workdir is changed.
 
-A run resumes from its own workdir (``restore_latest``); a stage that reads
+A run resumes from its own workdir (``restore``, from trainer.fit once the
+config it recorded is checked; ``restore_latest``); a stage that reads
 another run's encoder (linear probe, fine-tuning) opens that workdir read-only
 (``restore_variables``), so evaluation never writes into it.
 """
@@ -60,6 +62,53 @@ def shape_mismatches(expected, saved, name: str) -> list[str]:
                      for path in have if path not in want]
 
 
+def _names(path) -> tuple[str, ...]:
+  """A pytree path as plain names: dict keys, attributes and indices alike, as Orbax saves them."""
+  out = []
+  for entry in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        out.append(str(getattr(entry, attr)))
+        break
+  return tuple(out)
+
+
+def _structure(tree, params) -> set[str]:
+  """The leaves of an optimiser state, each suffix that is a parameter's path written '*'.
+
+  An optimiser holds a copy of the parameter tree per slot (momentum, Adam's
+  mu and nu, ...); with those collapsed, a state is a few lines whatever the
+  model, and two optimisers differ in lines one can read.
+  """
+  names = {_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  out = set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    n = _names(path)
+    cut = next((i for i in range(len(n)) if n[i:] in names), len(n))
+    out.add('/'.join(n[:cut]) + ('/*' if cut < len(n) else ''))
+  return out
+
+
+def optimizer_differences(expected, saved, params) -> list[str]:
+  """How an optimiser state ``expected`` differs from ``saved`` in structure; [] if it does not.
+
+  Args:
+    expected: the state the config's optimiser builds (arrays or ShapeDtypeStructs).
+    saved: the checkpoint's (item metadata).
+    params: the parameters, to collapse their copies (see _structure).
+  """
+  want, have = _structure(expected, params), _structure(saved, params)
+  few = lambda paths: ', '.join(sorted(paths)[:4]) + (f' (+{len(paths) - 4} more)'
+                                                      if len(paths) > 4 else '')
+  return ([f'in the checkpoint only: {few(have - want)}'] if have - want else []) + (
+      [f"in the config's optimiser only: {few(want - have)}"] if want - have else [])
+
+
+def _brief(e: Exception, limit: int = 1000) -> str:
+  text = f'{type(e).__name__}: {e}'
+  return text if len(text) <= limit else f'{text[:limit]} ... ({len(text)} characters)'
+
+
 def _advice(mngr: ocp.CheckpointManager, step: int) -> str:
   return (f'Move {mngr.directory}/{step} aside to resume from the previous checkpoint, or use '
           'a new --workdir.')
@@ -71,7 +120,7 @@ def _metadata(mngr: ocp.CheckpointManager, step: int) -> dict:
     return dict(mngr.item_metadata(step).tree)
   except Exception as e:  # Orbax and tensorstore raise many types for bad files.
     raise CheckpointError(f'Checkpoint {mngr.directory}/{step} is unreadable (corrupt or '
-                          f'incomplete?): {type(e).__name__}: {e}\n{_advice(mngr, step)}') from e
+                          f'incomplete?): {_brief(e)}\n{_advice(mngr, step)}') from e
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
@@ -96,12 +145,31 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
     raise CheckpointError(f'Checkpoint {where} was written by another architecture than '
                           f'config.model describes; {len(problems)} differing arrays, e.g.:\n  ' +
                           '\n  '.join(problems[:10]))
+  if get('opt_state') is not None and get('params') is not None:
+    lines = optimizer_differences(get('opt_state'), saved.get('opt_state', {}), get('params'))
+    if lines:
+      raise CheckpointError(
+          f'Checkpoint {where} holds the state of another optimiser than config.optimizer '
+          '(another optimizer.name, or head_lr / probe_lr set or unset?):\n  ' + '\n  '.join(lines)
+          + '\nAn optimiser state cannot be carried over to another optimiser: resume with the '
+          "run's own config.optimizer, or use a new --workdir.")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # As above: truncated or garbled array files.
-    raise CheckpointError(f'Checkpoint {where} cannot be restored (corrupt, or saved with '
-                          f'another optimizer?): {type(e).__name__}: {e}\n{_advice(mngr, step)}') from e
+    raise CheckpointError(f'Checkpoint {where} cannot be restored (corrupt?): {_brief(e)}\n'
+                          f'{_advice(mngr, step)}') from e
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The complete checkpoints of ``workdir``, oldest first; nothing is created or deleted."""
+  if not os.path.isdir(os.path.join(os.path.abspath(workdir), CHECKPOINTS)):
+    return []
+  mngr = manager(workdir, read_only=True)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: Any) -> Any:
@@ -134,20 +202,22 @@ def restore_variables(workdir: str, expected: dict, mesh: Mesh,
     CheckpointError: no such checkpoint, unreadable, or another architecture.
   """
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
-  have = []
-  if os.path.isdir(directory):
-    mngr = manager(workdir, read_only=True)
-    have = list(mngr.all_steps())
-  step = (max(have) if have else None) if step is None else step
-  if step is None or step not in have:
-    raise CheckpointError(f'No checkpoint{"" if step is None else f" {step}"} in {directory} '
-                          f'(have {sorted(have)}).')
+  have = saved_steps(workdir)
+  if not have:
+    raise CheckpointError(f'{workdir} has no checkpoint ({directory} is missing or empty): its '
+                          'run has not saved one yet.')
+  step = have[-1] if step is None else step
+  if step not in have:
+    raise CheckpointError(f'{workdir} has no checkpoint {step} (config.checkpoint_step); its '
+                          f'checkpoints: {have}.')
+  mngr = manager(workdir, read_only=True)
   replicated = mesh_lib.replicated(mesh)
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                        _metadata(mngr, step))
-  for k in _CHECKED:
-    target[k] = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated),
-                             expected[k])
-  saved = restore(mngr, step, target)
-  mngr.close()
+  as_target = lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated)
+  try:
+    target = jax.tree.map(as_target, _metadata(mngr, step))
+    for k in _CHECKED:
+      target[k] = jax.tree.map(as_target, expected[k])
+    saved = restore(mngr, step, target)
+  finally:
+    mngr.close()
   return {k: saved[k] for k in _CHECKED}, step

@@ -1,23 +1,45 @@
-"""The files of a workdir besides checkpoints: config.json and the results.
+"""The files of a workdir besides checkpoints: the config a run follows, and its results.
 
 Every file is written aside and renamed into place, so a kill mid-write never
 leaves a truncated file. A run is "done" when its ``results.json`` exists:
 every stage writes it last (after results.md and its pictures), and the sweep
-and the reproduction reuse a run only then.
+and the reproduction reuse a run only then, and only if it recorded the same
+config on the keys that change what a run computes (``finished_results``).
+
+``config.json`` is the config a run started with; it is never rewritten while
+the run has checkpoints. Resuming compares it with the new config first
+(``check_resume``): any difference outside ``FREE_KEYS`` (where the data is,
+how often the run logs and saves, the kNN monitor) would mix two runs and is
+refused, unless the user allows it (``--allow_config_change``); an accepted
+change is appended to ``config_changes.json`` (step, differing keys, the
+whole new config), and the config a run follows is then the latest one there
+(``read_config``).
 """
 
+import datetime
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+from absl import logging
 import jax
 import ml_collections
 
-from barlow_jax.errors import WorkdirError
+from barlow_jax.errors import ConfigChangedError, WorkdirError
 
 CONFIG = 'config.json'
+CONFIG_CHANGES = 'config_changes.json'
 RESULTS = 'results.json'
 RESULTS_MD = 'results.md'
+# Config keys (a trailing '.': every key under it) whose value does not change
+# what a run computes, so they may differ between a run and its resumption.
+FREE_KEYS = ('data_dir', 'download', 'cache_dataset', 'log_every', 'checkpoint.every_steps',
+             'checkpoint.max_to_keep', 'knn_monitor.')
+# The run's length: a change is a meaningful one (the learning-rate schedule
+# is computed over the length), allowed only with --allow_config_change.
+LENGTH_KEYS = ('num_epochs', 'num_steps')
+ABSENT = '<absent>'  # The value of a key one of two configs lacks.
+_SHOWN = 12  # Differences listed in a message; the rest are counted.
 
 
 def write_text(path: str, text: str) -> None:
@@ -34,21 +56,166 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     write_text(os.path.join(workdir, CONFIG), config.to_json_best_effort(indent=2))
 
 
-def read_config(workdir: str, kind: str = 'pretraining') -> ml_collections.ConfigDict:
-  """The config a run recorded in its workdir.
+def _load_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
 
-  Args:
-    workdir: the run's directory.
-    kind: what the caller expects, for the error message.
 
-  Raises:
-    WorkdirError: ``workdir`` has no config.json.
+def config_changes(workdir: str) -> list[dict]:
+  """The accepted config changes of a run, oldest first ([] if none)."""
+  path = os.path.join(workdir, CONFIG_CHANGES)
+  return _load_json(path) if os.path.exists(path) else []
+
+
+def recorded_config(workdir: str) -> Optional[dict]:
+  """The config the run in ``workdir`` follows, as JSON; None without config.json.
+
+  That is config.json, or the config of the latest accepted change.
   """
   path = os.path.join(workdir, CONFIG)
   if not os.path.exists(path):
-    raise WorkdirError(f'No {kind} config at {path}: is {workdir!r} a {kind} workdir?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return None
+  changes = config_changes(workdir)
+  return changes[-1]['config'] if changes else _load_json(path)
+
+
+def read_config(workdir: str, kind: str = 'pretraining', mode: Optional[str] = None,
+                key: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The config a run follows (``recorded_config``), checked to be of the expected kind.
+
+  Args:
+    workdir: the run's directory.
+    kind: what the caller expects, for the message.
+    mode: the config.mode the run must have been run with (a config.json
+      without mode is a pretraining one); None: any.
+    key: the config key that named ``workdir``, for the message.
+
+  Raises:
+    WorkdirError: ``workdir`` has no config.json, or is the workdir of another mode.
+  """
+  where = f'config.{key}={workdir!r}' if key else repr(workdir)
+  recorded = recorded_config(workdir)
+  if recorded is None:
+    raise WorkdirError(f'No {kind} config at {os.path.join(workdir, CONFIG)}: is {where} a '
+                       f'{kind} workdir?')
+  found = recorded.get('mode', 'pretrain')
+  if mode is not None and found != mode:
+    raise WorkdirError(f'{where} is the workdir of a {found!r} run (its config.json has '
+                       f"mode={found!r}), not of a {kind} run (mode={mode!r}).")
+  return ml_collections.ConfigDict(recorded)
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _as_json(config) -> dict:
+  """A config as config.json holds it (tuples become lists)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json_best_effort())
+  return json.loads(json.dumps(config))
+
+
+def _free(key: str) -> bool:
+  return any(key == f or (f.endswith('.') and key.startswith(f)) for f in FREE_KEYS)
+
+
+def config_differences(recorded, requested) -> list[tuple[str, Any, Any]]:
+  """(key, recorded value, requested value) of every key outside FREE_KEYS that differs.
+
+  Args:
+    recorded: a run's config (dict from JSON, or ConfigDict).
+    requested: the new config.
+
+  Returns:
+    Sorted by dotted key; a key one config lacks has the value ABSENT there.
+  """
+  old, new = _flatten(_as_json(recorded)), _flatten(_as_json(requested))
+  return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+          if not _free(k) and old.get(k, ABSENT) != new.get(k, ABSENT)]
+
+
+def _short(value: Any, width: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= width else text[:width - 3] + '...'
+
+
+def describe_differences(differences: Sequence[tuple[str, Any, Any]]) -> str:
+  """A few lines: ``key: recorded -> requested``, the first _SHOWN of them."""
+  lines = [f'  {k}: {_short(old)} -> {_short(new)}' for k, old, new in differences[:_SHOWN]]
+  if len(differences) > _SHOWN:
+    lines.append(f'  ... and {len(differences) - _SHOWN} more keys')
+  return '\n'.join(lines)
+
+
+def _refusal(workdir: str, what: str, differences, instead: str) -> str:
+  length = [k for k, _, _ in differences if k in LENGTH_KEYS]
+  note = (f'\nThe learning-rate schedule is computed over the run\'s length ({", ".join(length)}):'
+          ' resumed with another length, the steps already taken followed the old schedule and '
+          'the rest follow the new one (a cosine jumps to the new curve).' if length else '')
+  return (f'{workdir} holds {what} recorded with another config; {len(differences)} key(s) '
+          f'differ (recorded -> requested):\n{describe_differences(differences)}{note}\n'
+          f'Use another --workdir, or pass --allow_config_change to {instead} (the change is '
+          f'recorded in {CONFIG_CHANGES}, config.json is kept).')
+
+
+def check_resume(workdir: str, config, step: Optional[int], allow_change: bool) -> list:
+  """Before resuming ``workdir`` from checkpoint ``step``: how ``config`` differs from the run's.
+
+  Args:
+    workdir: the run's directory.
+    config: the config to resume with.
+    step: the checkpoint to resume from; None for a new run (nothing to compare).
+    allow_change: accept differences (--allow_config_change) instead of refusing.
+
+  Returns:
+    The differences (config_differences) to pass to record_start.
+
+  Raises:
+    ConfigChangedError: listing the keys that differ, unless ``allow_change``.
+  """
+  recorded = recorded_config(workdir) if step is not None else None
+  if recorded is None:
+    if step is not None:
+      logging.warning('%s has checkpoints but no %s: resuming unchecked.', workdir, CONFIG)
+    return []
+  differences = config_differences(recorded, config)
+  if differences and not allow_change:
+    raise ConfigChangedError(_refusal(
+        workdir, f'a run (latest checkpoint: step {step})', differences,
+        f'continue this run under the new config from step {step}'))
+  return differences
+
+
+def record_start(workdir: str, config, step: Optional[int], differences) -> None:
+  """Once the state is restored: config.json of a new run, or the accepted change of a resumed one.
+
+  Args:
+    workdir: the run's directory.
+    config: the config the run goes on with.
+    step: the checkpoint resumed from; None for a new run.
+    differences: from check_resume.
+  """
+  if jax.process_index() > 0:
+    return
+  if step is None or not os.path.exists(os.path.join(workdir, CONFIG)):
+    write_config(workdir, config)
+    if os.path.exists(os.path.join(workdir, CONFIG_CHANGES)):  # Of an earlier run's.
+      os.remove(os.path.join(workdir, CONFIG_CHANGES))
+  elif differences:
+    logging.warning('Resuming %s at step %d with a changed config (--allow_config_change):\n%s',
+                    workdir, step, describe_differences(differences))
+    change = {'step': int(step), 'time': datetime.datetime.now().isoformat(timespec='seconds'),
+              'changes': {k: {'recorded': old, 'requested': new} for k, old, new in differences},
+              'config': _as_json(config)}
+    write_text(os.path.join(workdir, CONFIG_CHANGES),
+               json.dumps(config_changes(workdir) + [change], indent=2))
 
 
 def write_results(workdir: str, results: dict, markdown: str) -> None:
@@ -66,3 +233,36 @@ def read_results(workdir: str) -> Optional[dict[str, Any]]:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def finished_results(workdir: str, config, allow_change: bool) -> Optional[dict[str, Any]]:
+  """The results of the finished run in ``workdir`` if they are ``config``'s, else None.
+
+  A finished run is reused only when its recorded config equals ``config``
+  outside FREE_KEYS: otherwise its numbers are another config's.
+
+  Args:
+    workdir: the run's directory.
+    config: the config the run would be run with now.
+    allow_change: return None (run it again under ``config``) instead of refusing.
+
+  Raises:
+    ConfigChangedError: finished with another config (or none recorded), naming
+      ``workdir`` and the keys, unless ``allow_change``.
+  """
+  results = read_results(workdir)
+  if results is None:
+    return None
+  recorded = recorded_config(workdir)
+  differences = config_differences(recorded, config) if recorded is not None else []
+  if recorded is not None and not differences:
+    return results
+  if not allow_change:
+    raise ConfigChangedError(
+        _refusal(workdir, 'finished results', differences, 'run it again under the new config')
+        if recorded is not None else
+        f'{workdir} holds finished results but no {CONFIG}: which config they are for is '
+        'unknown. Move it aside, or pass --allow_config_change to run it again.')
+  logging.warning('%s finished with another config; running it again:\n%s', workdir,
+                  describe_differences(differences))
+  return None

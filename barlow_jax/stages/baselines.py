@@ -56,11 +56,18 @@ def classifiers(config) -> dict:
   }
 
 
-def run(config, workdir: str) -> dict:
-  """Fits and scores config.methods; writes and returns the results dict."""
+def run(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Fits and scores config.methods; writes config.json and the results, returns the results.
+
+  Nothing resumes (every run starts afresh), so ``allow_config_change`` has
+  nothing to allow; it is there for the one signature of every mode.
+  """
+  del allow_config_change
   config_validation.validate_baselines(config)
   os.makedirs(workdir, exist_ok=True)
   spec = datasets.dataset_spec(config.dataset)
+  datasets.split_size(datasets.get_builder(config.dataset, config.data_dir, config.download),
+                      config.train_split, 'train_split')
   train_x, train_y = load_pixels(config, config.train_split)
   keep = pipeline.balanced_subset(train_y, config.label_fraction, spec.num_classes,
                                         config.fraction_seed)
@@ -84,5 +91,6 @@ def run(config, workdir: str) -> dict:
            '| method | top-1 | micro | macro-F1 |', '|---|---|---|---|']
   lines += [f"| {k} | {100 * v['top1']:.2f} | {100 * v['micro']:.2f} | {100 * v['macro']:.2f} |"
             for k, v in results.items() if isinstance(v, dict)]
+  workdir_lib.record_start(workdir, config, None, [])  # config.json: whose results these are.
   workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')
   return results

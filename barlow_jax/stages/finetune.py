@@ -49,8 +49,11 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   return result
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Restores the encoder, fine-tunes it with a new classifier, evaluates.
+
+  A resumed run keeps its own weights; with another config than it recorded
+  it is refused unless ``allow_config_change`` (trainer.fit).
 
   Returns:
     The results dict (also written to ``workdir``/results.json).
@@ -62,4 +65,5 @@ def run(config, workdir: str) -> dict:
   source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
   return supervised.run(supervised_config(config, encoder.config), workdir,
-                        init_variables=encoder.variables, extra_results=source)
+                        init_variables=encoder.variables, extra_results=source,
+                        allow_config_change=allow_config_change)

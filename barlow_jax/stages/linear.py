@@ -29,6 +29,7 @@ from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import metrics
 from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
+from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import pretrain
@@ -41,7 +42,8 @@ def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
     encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
                                        overrides)
     return encoder, f'pretrained, step {encoder.step}'
-  pretrained_config = workdir_lib.read_config(config.pretrained_workdir, 'pretraining')
+  pretrained_config = workdir_lib.read_config(config.pretrained_workdir, 'pretraining',
+                                              mode='pretrain', key='pretrained_workdir')
   for key, value in overrides.items():
     if value is not None:
       pretrained_config[key] = value
@@ -90,14 +92,37 @@ def _features(config, encoder: pretrain.Pretrained, split: str, mesh, view=None)
   return out['features'], out['label']
 
 
-def run(config, workdir: str) -> dict:
-  """Runs kNN + linear probe; returns (and writes) the results dict."""
+def check_splits(config, encoder: pretrain.Pretrained):
+  """(the TFDS builder, the test split), once train_split and test_split are known to exist."""
+  builder = datasets.get_builder(encoder.config.dataset, encoder.config.data_dir,
+                                 encoder.config.download)
+  test_split = config.test_split or datasets.dataset_spec(encoder.config.dataset).test_split
+  datasets.split_size(builder, config.train_split, 'train_split')
+  datasets.split_size(builder, test_split, 'test_split')
+  return builder, test_split
+
+
+def record_config(config, workdir: str, allow_config_change: bool) -> None:
+  """config.json of the probe; the augmented probe resumes its head only under the same config."""
+  steps = checkpoint.saved_steps(workdir) if config.probe.augment else []
+  resume_step = steps[-1] if steps else None
+  differences = workdir_lib.check_resume(workdir, config, resume_step, allow_config_change)
+  workdir_lib.record_start(workdir, config, resume_step, differences)
+
+
+def run(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Runs kNN + linear probe; returns (and writes) the results dict.
+
+  The pretraining workdir is only read. Only the augmented probe resumes (its
+  head, from ``workdir``/checkpoints), refused under another config than it
+  recorded unless ``allow_config_change``; the cached probe starts afresh.
+  """
   config_validation.validate_linear(config)
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   encoder, description = load_encoder(config, mesh)
   spec = datasets.dataset_spec(encoder.config.dataset)
-  test_split = config.test_split or spec.test_split
+  builder, test_split = check_splits(config, encoder)
   train_x, train_y = _features(config, encoder, config.train_split, mesh)
   test_x, test_y = _features(config, encoder, test_split, mesh)
   if config.label_fraction < 1.0:
@@ -112,6 +137,7 @@ def run(config, workdir: str) -> dict:
   for k in config.knn.k:
     scores = knn.knn_scores(train_x, train_y, test_x, spec.num_classes, k, config.knn.temperature)
     results[f'knn_k{k}'] = metrics.classification_metrics(scores, test_y, spec.num_classes)
+  record_config(config, workdir, allow_config_change)
   classify = train_probe(config, encoder, train_x, train_y, workdir, mesh)
   results['linear'] = metrics.classification_metrics(classify(test_x), test_y, spec.num_classes)
   # How the probe was trained: on cached clean features, or on augmented views.
@@ -125,8 +151,6 @@ def run(config, workdir: str) -> dict:
   aug_x, aug_y = _features(config, encoder, test_split, mesh, view)
   results['linear_aug_test'] = metrics.classification_metrics(classify(aug_x), aug_y,
                                                               spec.num_classes)
-  builder = datasets.get_builder(encoder.config.dataset, encoder.config.data_dir,
-                                 encoder.config.download)
   results['class_names'] = list(builder.info.features['label'].names)
   write_results(results, workdir, encoder.config)
   return results

@@ -53,11 +53,13 @@ def make_loss_fn(model: factory.BarlowTwinsModel, lambd: float) -> trainer.LossF
   return loss_fn
 
 
-def run(config, workdir: str) -> TrainState:
+def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
   """Pretrains with Barlow Twins into ``workdir``, resuming from its latest checkpoint.
 
   Writes checkpoints, config.json, TensorBoard scalars and
-  cross_correlation.png (C of two views of test images at the end).
+  cross_correlation.png (C of two views of test images at the end). A run
+  resumed with another config than it recorded is refused unless
+  ``allow_config_change`` (trainer.fit).
 
   Returns:
     The final TrainState (replicated over the mesh).
@@ -70,7 +72,8 @@ def run(config, workdir: str) -> TrainState:
   model = factory.create_model(config, axis_name=DATA_AXIS)
   hook = knn_monitor.make_hook(config, length.steps_per_epoch, length.total_steps, mesh)
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.lambd), data, mesh,
-                      num_views=2, console_keys=CONSOLE_KEYS, hooks=[hook] if hook else [])
+                      num_views=2, console_keys=CONSOLE_KEYS, hooks=[hook] if hook else [],
+                      allow_config_change=allow_config_change)
   if jax.process_index() == 0:
     write_cross_correlation_png(config, state, os.path.join(workdir, 'cross_correlation.png'))
   return state
@@ -129,10 +132,12 @@ def load_pretrained(workdir: str, mesh, step: Optional[int] = None,
       None replace the recorded ones (the data may live elsewhere now).
 
   Raises:
-    WorkdirError: no config.json.
+    WorkdirError: no config.json, or the workdir of another mode (a supervised
+      run, a probe, ...).
     CheckpointError: no such checkpoint, unreadable, or not this architecture.
   """
-  config = workdir_lib.read_config(workdir, 'pretraining')
+  config = workdir_lib.read_config(workdir, 'pretraining', mode='pretrain',
+                                   key='pretrained_workdir')
   for key, value in (data_overrides or {}).items():
     if value is not None:
       config[key] = value

@@ -172,8 +172,23 @@ def embedding_figures(config, fns: dict, variables: dict, mesh: Mesh, workdir: s
   return {'mean_diag_c': float(np.diag(c).mean()), 'mean_abs_offdiag_c': float(np.abs(off).mean())}
 
 
+def load_data(config) -> pipeline.TrainData:
+  """The training set (train_split, plus the unlabelled split when BT uses it).
+
+  The evaluation splits are checked too, so that a typo fails now and not
+  after training.
+  """
+  data_config = ml_collections.ConfigDict(config.to_dict())
+  data_config.train_split = train_split(config)
+  data = pipeline.load_train_data(data_config)
+  for key in ('train_split', 'test_split'):
+    datasets.split_size(data.builder, config.eval[key], f'eval.{key}')
+  logging.info('Split %r, gamma %g.', data_config.train_split, config.gamma)
+  return data
+
+
 def run(config, workdir: str, init_variables: Optional[dict] = None,
-        extra_results: Optional[dict] = None) -> dict:
+        extra_results: Optional[dict] = None, allow_config_change: bool = False) -> dict:
   """Trains, evaluates and writes results into ``workdir``; resumes if interrupted.
 
   Args:
@@ -182,6 +197,8 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
     init_variables: {'params', 'batch_stats'} whose 'backbone' initialises
       the encoder (fine-tuning); None trains from scratch.
     extra_results: added to results.json (e.g. where the encoder came from).
+    allow_config_change: resume a run recorded with another config instead
+      of refusing (trainer.fit).
 
   Returns:
     The results dict written to results.json.
@@ -190,15 +207,12 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
   os.makedirs(workdir, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   model = factory.create_supervised_model(config, axis_name=DATA_AXIS)
-  data_config = ml_collections.ConfigDict(config.to_dict())
-  data_config.train_split = train_split(config)
-  data = pipeline.load_train_data(data_config)
+  data = load_data(config)
   num_train = data.num_global
   total_steps = trainer.Length.of(config, num_train).total_steps
-  logging.info('Split %r, gamma %g.', data_config.train_split, config.gamma)
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.gamma, config.lambd),
                       data, mesh, num_views=config.num_branches, console_keys=CONSOLE_KEYS,
-                      init_variables=init_variables)
+                      init_variables=init_variables, allow_config_change=allow_config_change)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   try:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
