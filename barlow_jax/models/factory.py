@@ -20,6 +20,14 @@ from barlow_jax.models import encoders
 from barlow_jax.models import heads
 
 
+def _backbone(model: nn.Module) -> nn.Module:
+  """The encoder named by ``model``'s fields (encoder, width, stem, dtype, axis_name)."""
+  kwargs = dict(width=model.width, dtype=model.dtype, axis_name=model.axis_name)
+  if model.encoder.startswith('resnet'):
+    kwargs['stem'] = model.stem  # VGG has a single, stem-less layout.
+  return encoders.ENCODERS[model.encoder](**kwargs)
+
+
 class BarlowTwinsModel(nn.Module):
   """Encoder -> projector, plus an online linear probe on the frozen features.
 
@@ -37,11 +45,9 @@ class BarlowTwinsModel(nn.Module):
   axis_name: Optional[str] = None
 
   def setup(self):
-    kwargs = dict(width=self.width, dtype=self.dtype, axis_name=self.axis_name)
-    if self.encoder.startswith('resnet'):
-      kwargs['stem'] = self.stem  # VGG has a single, stem-less layout.
-    self.backbone = encoders.ENCODERS[self.encoder](**kwargs)
-    self.head = heads.Projector(heads.parse_mlp_spec(self.projector), dtype=self.dtype, axis_name=self.axis_name)
+    self.backbone = _backbone(self)
+    self.head = heads.Projector(heads.parse_mlp_spec(self.projector), dtype=self.dtype,
+                                axis_name=self.axis_name)
     self.probe = nn.Dense(self.num_classes, dtype=jnp.float32)
 
   def __call__(self, x, train: bool = True):
@@ -83,11 +89,8 @@ class SupervisedModel(nn.Module):
   axis_name: Optional[str] = None
 
   def setup(self):
-    kwargs = dict(width=self.width, dtype=self.dtype, axis_name=self.axis_name)
-    if self.encoder.startswith('resnet'):
-      kwargs['stem'] = self.stem
     # Same module name as in BarlowTwinsModel, so a pretrained backbone drops in.
-    self.backbone = encoders.ENCODERS[self.encoder](**kwargs)
+    self.backbone = _backbone(self)
     self.fc = nn.Dense(self.feature_dim, dtype=self.dtype) if self.feature_dim else None
     self.classifier = nn.Dense(self.num_classes, dtype=jnp.float32)
     self.embed = heads.MLP(heads.parse_mlp_spec(self.embedding), self.dtype) if self.embedding else None
