@@ -39,6 +39,7 @@ from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import distributed
 from barlow_jax.runtime import loop
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
@@ -219,5 +220,6 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
   finally:
     # On any exception too: an in-flight save of a good state is completed,
     # never left half-written for the next run to trip over.
-    mngr.wait_until_finished()
     writer.flush()
+    loop.finish_saves(mngr)
+    distributed.training_loop_ended()

@@ -17,11 +17,12 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 
 import cli_runs
 from barlow_jax import errors
-from conftest import needs_cifar10, tiny_config
+from conftest import DATA_DIR, needs_cifar10, tiny_config
 
 _SEED = 20261122  # Fixed, so that a failure replays with the same kill points.
 _DEADLINE_S = 600  # All runs together: a hang fails the test instead of blocking CI.
@@ -104,3 +105,92 @@ def test_kill9_and_sigterm_at_random_points_resume_to_identical_parameters(tmp_p
   assert int(resumed.step) == config.num_steps
   cli_runs.assert_states_equal(resumed, cli_runs.load_state(straight_dir, config))
   print(f'final state after {len(report)} interruptions: bit-identical to the uninterrupted run')
+
+
+# ---------------------------------------------------------------------------
+# One signal policy for every mode: SIGTERM and SIGINT -> exit 75, no traceback.
+
+_TINY_SUPERVISED = ('--config.model.width=4', '--config.model.feature_dim=32',
+                    '--config.model.embedding=32-16', '--config.batch_size=16',
+                    '--config.eval.train_split=train[:64]', '--config.eval.test_split=test[:72]',
+                    '--config.eval.batch_size=32', '--config.download=False')
+
+
+def _cmd(config_file: str, workdir, *flags: str) -> list[str]:
+  return [sys.executable, '-m', 'barlow_jax.main', f'--config={config_file}',
+          f'--workdir={workdir}', *flags]
+
+
+def _stop(cmd, environ, when: str, sig: int, delay: float = 0.0) -> tuple[int, str, float]:
+  """Runs ``cmd``, sends ``sig`` once stderr matched ``when`` (+ delay); (status, log, s to exit).
+
+  The last value is the time from the line announcing the completed save (or
+  from the signal, if there is none) to the process's exit.
+  """
+  run = cli_runs.StreamingRun(cmd, environ)
+  end = time.time() + 300
+  while not any(re.search(when, line) for line in run.lines) and run.proc.poll() is None:
+    assert time.time() < end, ''.join(run.lines)[-4000:]
+    time.sleep(0.005)
+  time.sleep(delay)
+  run.proc.send_signal(sig)
+  t_saved = time.time()
+  while run.proc.poll() is None and time.time() < t_saved + 120:
+    if not any('Preempted (' in line for line in run.lines):
+      t_saved = time.time()
+    time.sleep(0.01)
+  code, log = run.finish(timeout=120)
+  return code, log, time.time() - t_saved
+
+
+@needs_cifar10
+def test_sigterm_and_sigint_exit_75_without_traceback_in_every_mode(tmp_path):
+  environ = cli_runs.env()
+  config = tiny_config()
+  config.num_steps = 400
+  config.log_every = 1
+  config.checkpoint.every_steps = 1000
+  pre = tmp_path / 'pretrain'
+  started = r'JAX process \d'  # main.main: the runtime and the signal handlers are up.
+  cases = [  # (what, command, workdir, when, signal, delay after the line)
+      ('pretrain, importing', cli_runs.main_cmd(pre, config), pre, r'oneDNN|JAX', signal.SIGINT,
+       0.0),
+      ('pretrain, start-up', cli_runs.main_cmd(pre, config), pre, started, signal.SIGTERM, 0.0),
+      ('pretrain, loop', cli_runs.main_cmd(pre, config), pre, r'\] step 3/', signal.SIGINT, 0.0),
+      ('pretrain, compiling a resumed run', cli_runs.main_cmd(pre, config), pre,
+       r'steps/epoch', signal.SIGTERM, 0.0),
+      ('supervised, loop', _cmd('configs/cifar_supervised_bt.py', tmp_path / 'sup',
+                                *_TINY_SUPERVISED, f'--config.data_dir={DATA_DIR}',
+                                '--config.num_steps=400', '--config.log_every=1'),
+       tmp_path / 'sup', r'\] step 2/', signal.SIGTERM, 0.0),
+      ('linear, evaluating', _cmd('configs/cifar_linear.py', tmp_path / 'linear',
+                                  f'--config.pretrained_workdir={pre}',
+                                  f'--config.data_dir={DATA_DIR}', '--config.download=False'),
+       pre, started, signal.SIGINT, 3.0),
+      ('sweep, first run starting', _cmd(
+          'configs/supervised_bt_sweep.py', tmp_path / 'sweep', '--config.gammas=0,1e-2',
+          '--config.num_seeds=1', f'--config.run.data_dir={DATA_DIR}',
+          '--config.run.num_steps=400', *[f.replace('--config.', '--config.run.')
+                                          for f in _TINY_SUPERVISED]),
+       None, started, signal.SIGTERM, 2.0),
+  ]
+  report = []
+  for what, cmd, workdir, when, sig, delay in cases:
+    before = cli_runs.latest_step(workdir) if workdir else None
+    code, log, exit_s = _stop(cmd, environ, when, sig, delay)
+    after = cli_runs.latest_step(workdir) if workdir else None
+    report.append(f'{what}: {signal.Signals(sig).name} -> exit {code}, checkpoint '
+                  f'{before} -> {after}, {exit_s:.1f} s from the save (or signal) to the exit')
+    assert code == errors.EXIT_PREEMPTED, (what, code, log[-4000:])
+    assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, (what, log[-4000:])
+    if workdir is not None:
+      assert not _tmp_dirs(workdir), what
+    if 'loop' in what:
+      saved = int(re.search(r'Preempted \(SIG[A-Z]+\): saved checkpoint step (\d+)', log).group(1))
+      assert saved == after >= 2, (what, saved, after)
+      assert exit_s < 20, (what, exit_s)  # Spot VMs give 30 s in all; measured ~0.2 s.
+    else:
+      assert after == before, what  # Nothing saved, nothing lost.
+  print('\n' + '\n'.join(report))
+  resumed = cli_runs.load_state(pre, config)  # The last checkpoint is intact.
+  assert int(resumed.step) == cli_runs.latest_step(pre)
