@@ -169,7 +169,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> None:
   except FloatingPointError as e:
     _fail(errors.EXIT_DIVERGED, f'Training diverged: {e}')
   except errors.CheckpointSaveError as e:
-    _fail(errors.EXIT_SAVE_FAILED, f'{type(e).__name__}: {e}')
+    # Orbax's threads may still hold the failed write: no teardown either.
+    distributed.exit_now(errors.EXIT_SAVE_FAILED, f'{type(e).__name__}: {e}')
   except errors.Preempted as e:
     # The checkpoint is complete: end at once, without the interpreter's
     # teardown (joining tf.data and Orbax threads took tens of seconds).

@@ -23,6 +23,7 @@ against 1; tests/test_communication.py counts the floats the compiled step
 all-reduces (at most 1.1x the parameters).
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
@@ -215,11 +216,19 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
   schedule = loop.Schedule(length.total_steps, config.log_every, config.checkpoint.every_steps)
   progress = loop.Progress(length.total_steps, config.batch_size, start_step, console_keys)
   try:
-    return loop.run_steps(state, train_step, batches, schedule, mngr, writer, progress,
-                          start_step, hooks)
+    state = loop.run_steps(state, train_step, batches, schedule, mngr, writer, progress,
+                           start_step, hooks)
+  except BaseException:
+    with contextlib.suppress(Exception):  # The metrics so far; the first error is the one to report.
+      writer.flush()
+    raise
   finally:
     # On any exception too: an in-flight save of a good state is completed,
-    # never left half-written for the next run to trip over.
-    writer.flush()
-    loop.finish_saves(mngr)
-    distributed.training_loop_ended()
+    # never left half-written for the next run to trip over; a save that
+    # failed (disk full) is the error reported.
+    try:
+      loop.finish_saves(mngr)
+    finally:
+      distributed.training_loop_ended()
+  writer.flush()
+  return state

@@ -13,15 +13,20 @@ All runs are subprocesses with 1 CPU device sharing a persistent compilation
 cache (cli_runs.env), so after the first two only tracing is paid again.
 """
 
+import contextlib
 import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import time
 
+import pytest
+
 import cli_runs
 from barlow_jax import errors
+from barlow_jax.runtime import workdir as workdir_lib
 from conftest import DATA_DIR, needs_cifar10, tiny_config
 
 _SEED = 20261122  # Fixed, so that a failure replays with the same kill points.
@@ -194,3 +199,71 @@ def test_sigterm_and_sigint_exit_75_without_traceback_in_every_mode(tmp_path):
   print('\n' + '\n'.join(report))
   resumed = cli_runs.load_state(pre, config)  # The last checkpoint is intact.
   assert int(resumed.step) == cli_runs.latest_step(pre)
+
+
+# ---------------------------------------------------------------------------
+# A save that fails (disk full): exit 74 at the save, no partial files.
+
+
+@contextlib.contextmanager
+def _small_filesystem(path, size: str):
+  """A tmpfs of ``size`` mounted at ``path`` (root only); skips the test where mount is refused."""
+  path.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    pytest.skip(f'cannot mount a small tmpfs to fill (needs root): {done.stderr.strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def _fill(path) -> None:
+  """Writes ``path``/filler until the filesystem is full."""
+  fd = os.open(os.path.join(path, 'filler'), os.O_WRONLY | os.O_CREAT)
+  try:
+    for size in (65536, 512, 1):  # Down to the last byte.
+      with contextlib.suppress(OSError):
+        while True:
+          os.write(fd, b'\0' * size)
+  finally:
+    os.close(fd)
+
+
+@needs_cifar10
+def test_a_save_on_a_full_disk_exits_74_naming_the_last_complete_checkpoint(tmp_path):
+  config = tiny_config()
+  config.num_steps = 400
+  config.log_every = 1
+  config.checkpoint.every_steps = 2
+  with _small_filesystem(tmp_path / 'small', '64m') as small:
+    workdir = small / 'run'
+    stale = workdir / 'checkpoints' / '7.orbax-checkpoint-tmp-1234'
+    stale.mkdir(parents=True)  # A killed run's partial save: removed at start.
+    run = cli_runs.StreamingRun(cli_runs.main_cmd(workdir, config), cli_runs.env())
+    run.wait_for_step(2, timeout=300)
+    while cli_runs.latest_step(workdir) is None and run.proc.poll() is None:
+      time.sleep(0.01)
+    _fill(small)
+    code, log = run.finish(timeout=120)
+    last = cli_runs.latest_step(workdir)
+    assert code == errors.EXIT_SAVE_FAILED, (code, log[-4000:])
+    message = log[log.index('CheckpointSaveError: '):]
+    assert str(workdir / 'checkpoints') in message and f'step {last}' in message, message
+    assert log.rstrip().splitlines()[-1].startswith('CheckpointSaveError: '), log[-4000:]
+    assert not stale.exists() and not _tmp_dirs(workdir)
+    assert not list(workdir.glob('*.tmp')), list(workdir.iterdir())
+    os.remove(small / 'filler')
+    assert int(cli_runs.load_state(workdir, config).step) == last  # Intact.
+    print(f'\nfull disk: exit {code}; {message.splitlines()[0]}')
+
+
+def test_write_text_on_a_full_disk_leaves_no_tmp_file(tmp_path):
+  with _small_filesystem(tmp_path / 'small', '1m') as small:
+    (small / 'config.json').write_text('{"old": 1}')
+    _fill(small)
+    with pytest.raises(OSError):
+      workdir_lib.write_text(str(small / 'config.json'), 'x' * 100000)
+    assert sorted(os.listdir(small)) == ['config.json', 'filler']
+    assert (small / 'config.json').read_text() == '{"old": 1}'
