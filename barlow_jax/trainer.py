@@ -223,9 +223,7 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
       writer.flush()
     raise
   finally:
-    # On any exception too: an in-flight save of a good state is completed,
-    # never left half-written for the next run to trip over; a save that
-    # failed (disk full) is the error reported.
+    # An in-flight save is completed (or its failure reported) on any exception too.
     try:
       loop.finish_saves(mngr)
     finally:
