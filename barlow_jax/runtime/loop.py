@@ -92,6 +92,15 @@ def _saving(mngr: ocp.CheckpointManager, step: Optional[int], action: Callable[[
         'there and run the same command again to resume from it.') from e
 
 
+def _save(mngr: ocp.CheckpointManager, state, step: int, last: int, save_now: bool) -> int:
+  """Reports a failed background save at once; saves ``state`` if ``save_now``; the last step saved."""
+  _saving(mngr, last, mngr.check_for_errors)
+  if not save_now:
+    return last
+  _saving(mngr, last, lambda: mngr.save(step, args=ocp.args.StandardSave(state)))
+  return step
+
+
 def finish_saves(mngr: ocp.CheckpointManager) -> None:
   """Waits for the save in flight (CheckpointSaveError if it failed) and closes ``mngr``."""
   _saving(mngr, None, mngr.wait_until_finished)
@@ -189,10 +198,7 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     save_now = done % schedule.save_every == 0 or done == total or preempted
     if _report(summed, count, done, schedule, save_now, mngr, writer, progress):
       summed, count = None, 0
-    _saving(mngr, saved, mngr.check_for_errors)  # A background save that failed, at once.
-    if save_now:
-      _saving(mngr, saved, lambda: mngr.save(done, args=ocp.args.StandardSave(state)))
-      saved = done
+    saved = _save(mngr, state, done, saved, save_now)
     if preempted:
       _saving(mngr, saved, mngr.wait_until_finished)  # Exit only with the checkpoint complete.
       raise Preempted(f'Preempted ({distributed.stop_signal()}): saved checkpoint step {done} of {total} in '
