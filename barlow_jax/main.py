@@ -174,6 +174,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> None:
   except errors.Preempted as e:
     # The checkpoint is complete: end at once, without the interpreter's
     # teardown (joining tf.data and Orbax threads took tens of seconds).
+    distributed.leave()
     distributed.exit_now(errors.EXIT_PREEMPTED, str(e))
 
 

@@ -69,6 +69,17 @@ def exit_now(status: int, message: str) -> None:
   os._exit(status)  # pylint: disable=protected-access
 
 
+def leave() -> None:
+  """Leaves the multi-process runtime together (a barrier), before ``exit_now``; else nothing.
+
+  Process 0 hosts the coordination service: ending it while another process
+  still waits in a barrier would fail that process instead of letting it exit 75.
+  """
+  if jax.distributed.is_initialized():
+    with contextlib.suppress(Exception):  # Already leaving: the exit status matters more.
+      jax.distributed.shutdown()
+
+
 def _on_signal(signum: int) -> None:
   """SIGTERM or SIGINT: save and stop inside a training loop, else stop at once with 75."""
   name = _SIGNALS.get(signum, str(signum))
