@@ -6,12 +6,18 @@ workdir) raises a subclass of
 ``BadInput``: the command line prints its message and exits with status 2,
 before anything is compiled and with the workdir untouched. The other
 statuses are for runs that started well and stopped: 3 when the loss became
-non-finite (the last good checkpoint is kept), 75 when a SIGTERM stopped the
-run after a complete save (run the same command again to resume).
+non-finite (the last good checkpoint is kept), 74 when a checkpoint could not
+be written (disk full, permissions: the partial one is removed, the message
+names the directory and the last complete checkpoint), 75 when SIGTERM or
+SIGINT stopped the run: inside a training loop after a complete save, outside
+one (start-up, compiling, evaluation, between the runs of a sweep) at once
+with nothing to save (run the same command again to resume).
 """
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+# EX_IOERR of sysexits.h: a checkpoint could not be written (disk full, permissions).
+EXIT_SAVE_FAILED = 74
 # EX_TEMPFAIL of sysexits.h ("temporary failure; the user is invited to
 # retry"): not 0, so a scheduler can tell a preempted run from a finished one;
 # launch/slurm_gpu.sbatch requeues the job on it.
@@ -47,4 +53,12 @@ class WorkdirError(BadInput, OSError):
 
 
 class Preempted(Exception):
-  """The run saved a checkpoint and stopped because of SIGTERM; rerun to resume."""
+  """The run saved a checkpoint and stopped because of SIGTERM or SIGINT; rerun to resume."""
+
+
+class CheckpointSaveError(Exception):
+  """Writing a checkpoint failed (disk full, permissions); exit status 74.
+
+  Not bad input: the run started well. The partial checkpoint is removed and
+  the message names the directory and the last complete checkpoint.
+  """

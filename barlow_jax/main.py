@@ -19,8 +19,12 @@ input (unknown flag or config key, invalid value or split, dataset missing,
 corrupt or incompatible checkpoint, a config that differs from the one the
 workdir recorded, unusable, busy or wrong kind of workdir), before anything
 is compiled and with the workdir untouched; 3 a non-finite loss (the last good
-checkpoint is kept); 75 stopped by SIGTERM after saving a checkpoint (run the
-same command again to resume).
+checkpoint is kept); 74 a checkpoint could not be written (disk full,
+permissions; the message names the directory and the last complete
+checkpoint); 75 stopped by SIGTERM or SIGINT (Ctrl-C): inside a training loop
+after saving a checkpoint of the current step, outside one (start-up,
+compiling, evaluation, between the runs of a sweep) at once, with nothing new
+to save. Run the same command again to resume.
 
 Several processes (TPU pod, GPU cluster, or launch/local_multiprocess.sh):
 ``--distributed`` (JAX detects TPU VMs and SLURM) or ``--coordinator_address``
@@ -28,8 +32,23 @@ with ``--num_processes`` and ``--process_id``; nothing changes in the config.
 """
 
 import os
+import signal
 import sys
 
+
+def _stop_during_imports(signum, frame) -> None:
+  """SIGTERM or SIGINT while the modules below load: nothing to save, exit 75 at once."""
+  del frame
+  print(f'Stopped by {signal.Signals(signum).name} during start-up: nothing to save; run the '
+        'same command again to resume.', file=sys.stderr, flush=True)
+  os._exit(75)  # pylint: disable=protected-access  # errors.EXIT_PREEMPTED, not imported yet.
+
+
+if __name__ == '__main__':  # The command line only, not an importing test or notebook.
+  signal.signal(signal.SIGTERM, _stop_during_imports)
+  signal.signal(signal.SIGINT, _stop_during_imports)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -149,8 +168,14 @@ def run(config, workdir: str, allow_config_change: bool = False) -> None:
     _fail(errors.EXIT_BAD_INPUT, f'{type(e).__name__}: {e}')
   except FloatingPointError as e:
     _fail(errors.EXIT_DIVERGED, f'Training diverged: {e}')
+  except errors.CheckpointSaveError as e:
+    # Orbax's threads may still hold the failed write: no teardown either.
+    distributed.exit_now(errors.EXIT_SAVE_FAILED, f'{type(e).__name__}: {e}')
   except errors.Preempted as e:
-    _fail(errors.EXIT_PREEMPTED, str(e))
+    # The checkpoint is complete: end at once, without the interpreter's
+    # teardown (joining tf.data and Orbax threads took tens of seconds).
+    distributed.leave()
+    distributed.exit_now(errors.EXIT_PREEMPTED, str(e))
 
 
 def main(argv):

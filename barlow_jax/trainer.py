@@ -23,6 +23,7 @@ against 1; tests/test_communication.py counts the floats the compiled step
 all-reduces (at most 1.1x the parameters).
 """
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Optional, Sequence
@@ -39,6 +40,7 @@ from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import distributed
 from barlow_jax.runtime import loop
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
@@ -214,10 +216,17 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
   schedule = loop.Schedule(length.total_steps, config.log_every, config.checkpoint.every_steps)
   progress = loop.Progress(length.total_steps, config.batch_size, start_step, console_keys)
   try:
-    return loop.run_steps(state, train_step, batches, schedule, mngr, writer, progress,
-                          start_step, hooks)
+    state = loop.run_steps(state, train_step, batches, schedule, mngr, writer, progress,
+                           start_step, hooks)
+  except BaseException:
+    with contextlib.suppress(Exception):  # The metrics so far; the first error is the one to report.
+      writer.flush()
+    raise
   finally:
-    # On any exception too: an in-flight save of a good state is completed,
-    # never left half-written for the next run to trip over.
-    mngr.wait_until_finished()
-    writer.flush()
+    # An in-flight save is completed (or its failure reported) on any exception too.
+    try:
+      loop.finish_saves(mngr)
+    finally:
+      distributed.training_loop_ended()
+  writer.flush()
+  return state

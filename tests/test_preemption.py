@@ -13,15 +13,21 @@ All runs are subprocesses with 1 CPU device sharing a persistent compilation
 cache (cli_runs.env), so after the first two only tracing is paid again.
 """
 
+import contextlib
 import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
+
+import pytest
 
 import cli_runs
 from barlow_jax import errors
-from conftest import needs_cifar10, tiny_config
+from barlow_jax.runtime import workdir as workdir_lib
+from conftest import DATA_DIR, needs_cifar10, tiny_config
 
 _SEED = 20261122  # Fixed, so that a failure replays with the same kill points.
 _DEADLINE_S = 600  # All runs together: a hang fails the test instead of blocking CI.
@@ -104,3 +110,160 @@ def test_kill9_and_sigterm_at_random_points_resume_to_identical_parameters(tmp_p
   assert int(resumed.step) == config.num_steps
   cli_runs.assert_states_equal(resumed, cli_runs.load_state(straight_dir, config))
   print(f'final state after {len(report)} interruptions: bit-identical to the uninterrupted run')
+
+
+# ---------------------------------------------------------------------------
+# One signal policy for every mode: SIGTERM and SIGINT -> exit 75, no traceback.
+
+_TINY_SUPERVISED = ('--config.model.width=4', '--config.model.feature_dim=32',
+                    '--config.model.embedding=32-16', '--config.batch_size=16',
+                    '--config.eval.train_split=train[:64]', '--config.eval.test_split=test[:72]',
+                    '--config.eval.batch_size=32', '--config.download=False')
+
+
+def _cmd(config_file: str, workdir, *flags: str) -> list[str]:
+  return [sys.executable, '-m', 'barlow_jax.main', f'--config={config_file}',
+          f'--workdir={workdir}', *flags]
+
+
+def _stop(cmd, environ, when: str, sig: int, delay: float = 0.0) -> tuple[int, str, float]:
+  """Runs ``cmd``, sends ``sig`` once stderr matched ``when`` (+ delay); (status, log, s to exit).
+
+  The last value is the time from the line announcing the completed save (or
+  from the signal, if there is none) to the process's exit.
+  """
+  run = cli_runs.StreamingRun(cmd, environ)
+  end = time.time() + 300
+  while not any(re.search(when, line) for line in run.lines) and run.proc.poll() is None:
+    assert time.time() < end, ''.join(run.lines)[-4000:]
+    time.sleep(0.005)
+  time.sleep(delay)
+  run.proc.send_signal(sig)
+  t_saved = time.time()
+  while run.proc.poll() is None and time.time() < t_saved + 120:
+    if not any('Preempted (' in line for line in run.lines):
+      t_saved = time.time()
+    time.sleep(0.01)
+  code, log = run.finish(timeout=120)
+  return code, log, time.time() - t_saved
+
+
+@needs_cifar10
+def test_sigterm_and_sigint_exit_75_without_traceback_in_every_mode(tmp_path):
+  environ = cli_runs.env()
+  config = tiny_config()
+  config.num_steps = 400
+  config.log_every = 1
+  config.checkpoint.every_steps = 1000
+  pre = tmp_path / 'pretrain'
+  started = r'JAX process \d'  # main.main: the runtime and the signal handlers are up.
+  cases = [  # (what, command, workdir, when, signal, delay after the line)
+      ('pretrain, importing', cli_runs.main_cmd(pre, config), pre, r'oneDNN|JAX', signal.SIGINT,
+       0.0),
+      ('pretrain, start-up', cli_runs.main_cmd(pre, config), pre, started, signal.SIGTERM, 0.0),
+      ('pretrain, loop', cli_runs.main_cmd(pre, config), pre, r'\] step 3/', signal.SIGINT, 0.0),
+      ('pretrain, compiling a resumed run', cli_runs.main_cmd(pre, config), pre,
+       r'steps/epoch', signal.SIGTERM, 0.0),
+      ('supervised, loop', _cmd('configs/cifar_supervised_bt.py', tmp_path / 'sup',
+                                *_TINY_SUPERVISED, f'--config.data_dir={DATA_DIR}',
+                                '--config.num_steps=400', '--config.log_every=1'),
+       tmp_path / 'sup', r'\] step 2/', signal.SIGTERM, 0.0),
+      ('linear, evaluating', _cmd('configs/cifar_linear.py', tmp_path / 'linear',
+                                  f'--config.pretrained_workdir={pre}',
+                                  f'--config.data_dir={DATA_DIR}', '--config.download=False'),
+       pre, started, signal.SIGINT, 3.0),
+      ('sweep, first run starting', _cmd(
+          'configs/supervised_bt_sweep.py', tmp_path / 'sweep', '--config.gammas=0,1e-2',
+          '--config.num_seeds=1', f'--config.run.data_dir={DATA_DIR}',
+          '--config.run.num_steps=400', *[f.replace('--config.', '--config.run.')
+                                          for f in _TINY_SUPERVISED]),
+       None, started, signal.SIGTERM, 2.0),
+  ]
+  report = []
+  for what, cmd, workdir, when, sig, delay in cases:
+    before = cli_runs.latest_step(workdir) if workdir else None
+    code, log, exit_s = _stop(cmd, environ, when, sig, delay)
+    after = cli_runs.latest_step(workdir) if workdir else None
+    report.append(f'{what}: {signal.Signals(sig).name} -> exit {code}, checkpoint '
+                  f'{before} -> {after}, {exit_s:.1f} s from the save (or signal) to the exit')
+    assert code == errors.EXIT_PREEMPTED, (what, code, log[-4000:])
+    assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, (what, log[-4000:])
+    if workdir is not None:
+      assert not _tmp_dirs(workdir), what
+    if 'loop' in what:
+      saved = int(re.search(r'Preempted \(SIG[A-Z]+\): saved checkpoint step (\d+)', log).group(1))
+      assert saved == after >= 2, (what, saved, after)
+      assert exit_s < 20, (what, exit_s)  # Spot VMs give 30 s in all; measured ~0.2 s.
+    else:
+      assert after == before, what  # Nothing saved, nothing lost.
+  print('\n' + '\n'.join(report))
+  resumed = cli_runs.load_state(pre, config)  # The last checkpoint is intact.
+  assert int(resumed.step) == cli_runs.latest_step(pre)
+
+
+# ---------------------------------------------------------------------------
+# A save that fails (disk full): exit 74 at the save, no partial files.
+
+
+@contextlib.contextmanager
+def _small_filesystem(path, size: str):
+  """A tmpfs of ``size`` mounted at ``path`` (root only); skips the test where mount is refused."""
+  path.mkdir()
+  done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+                        capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    pytest.skip(f'cannot mount a small tmpfs to fill (needs root): {done.stderr.strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def _fill(path) -> None:
+  """Writes ``path``/filler until the filesystem is full."""
+  fd = os.open(os.path.join(path, 'filler'), os.O_WRONLY | os.O_CREAT)
+  try:
+    for size in (65536, 512, 1):  # Down to the last byte.
+      with contextlib.suppress(OSError):
+        while True:
+          os.write(fd, b'\0' * size)
+  finally:
+    os.close(fd)
+
+
+@needs_cifar10
+def test_a_save_on_a_full_disk_exits_74_naming_the_last_complete_checkpoint(tmp_path):
+  config = tiny_config()
+  config.num_steps = 400
+  config.log_every = 1
+  config.checkpoint.every_steps = 2
+  with _small_filesystem(tmp_path / 'small', '64m') as small:
+    workdir = small / 'run'
+    stale = workdir / 'checkpoints' / '7.orbax-checkpoint-tmp-1234'
+    stale.mkdir(parents=True)  # A killed run's partial save: removed at start.
+    run = cli_runs.StreamingRun(cli_runs.main_cmd(workdir, config), cli_runs.env())
+    run.wait_for_step(2, timeout=300)
+    while cli_runs.latest_step(workdir) is None and run.proc.poll() is None:
+      time.sleep(0.01)
+    _fill(small)
+    code, log = run.finish(timeout=120)
+    last = cli_runs.latest_step(workdir)
+    assert code == errors.EXIT_SAVE_FAILED, (code, log[-4000:])
+    message = log[log.index('CheckpointSaveError: '):]
+    assert str(workdir / 'checkpoints') in message and f'step {last}' in message, message
+    assert log.rstrip().splitlines()[-1].startswith('CheckpointSaveError: '), log[-4000:]
+    assert not stale.exists() and not _tmp_dirs(workdir)
+    assert not list(workdir.glob('*.tmp')), list(workdir.iterdir())
+    os.remove(small / 'filler')
+    assert int(cli_runs.load_state(workdir, config).step) == last  # Intact.
+    print(f'\nfull disk: exit {code}; {message.splitlines()[0]}')
+
+
+def test_write_text_on_a_full_disk_leaves_no_tmp_file(tmp_path):
+  with _small_filesystem(tmp_path / 'small', '1m') as small:
+    (small / 'config.json').write_text('{"old": 1}')
+    _fill(small)
+    with pytest.raises(OSError):
+      workdir_lib.write_text(str(small / 'config.json'), 'x' * 100000)
+    assert sorted(os.listdir(small)) == ['config.json', 'filler']
+    assert (small / 'config.json').read_text() == '{"old": 1}'

@@ -15,6 +15,7 @@ another run's encoder (linear probe, fine-tuning) opens that workdir read-only
 """
 
 import os
+import shutil
 from typing import Any, Optional
 
 from absl import logging
@@ -26,6 +27,7 @@ from barlow_jax.errors import CheckpointError
 from barlow_jax.runtime import mesh as mesh_lib
 
 CHECKPOINTS = 'checkpoints'  # Sub-directory of the workdir.
+TMP_MARK = '.orbax-checkpoint-tmp'  # In the name of a checkpoint being written.
 # The arrays whose shapes tell an architecture; checked before restoring.
 _CHECKED = ('params', 'batch_stats')
 
@@ -41,11 +43,34 @@ def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=not read_only, read_only=read_only,
-      create=not read_only)
+      create=not read_only,
+      # Partial saves of a run that was killed or failed (``<step>.orbax-checkpoint-tmp*``).
+      cleanup_tmp_directories=not read_only)
   # The explicit handler lets a fresh manager read item metadata (shapes)
   # before restoring.
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
                                options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+
+def complete_steps(directory: str) -> list[int]:
+  """The steps of the complete checkpoints in a checkpoints ``directory``, oldest first.
+
+  Orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames to ``<step>``
+  once complete, so a directory named by its step alone is complete.
+  """
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def remove_partial(directory: str) -> list[str]:
+  """Removes the partial checkpoints (Orbax's tmp directories) of ``directory``; their names."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return []
+  removed = [d for d in os.listdir(directory) if TMP_MARK in d]
+  for d in removed:
+    shutil.rmtree(os.path.join(directory, d), ignore_errors=True)
+  return removed
 
 
 def shape_mismatches(expected, saved, name: str) -> list[str]:

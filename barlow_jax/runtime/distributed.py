@@ -26,6 +26,7 @@ import itertools
 import os
 import signal
 import socket
+import sys
 import threading
 from typing import Iterator, Optional
 
@@ -35,26 +36,97 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from barlow_jax.errors import EXIT_PREEMPTED
 from barlow_jax.errors import WorkdirError
 
 LOCK_FILE = '.lock'
 
-_sigterm = threading.Event()
+_stop = threading.Event()  # SIGTERM or SIGINT arrived; polled by the training loop.
 _loop_running = False  # A training loop is polling preemption_requested.
 _barriers = itertools.count()
+_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
+_stop_signal = 'SIGTERM'  # The first signal that asked the loop to stop.
 
 
-def _on_sigterm(signum, frame) -> None:
-  del frame
+def _ignore(signum, frame) -> None:
+  """The Python-level handler: the watcher thread acts (see _watch); no KeyboardInterrupt."""
+  del signum, frame
+
+
+def exit_now(status: int, message: str) -> None:
+  """Prints ``message``, flushes the logs and ends the process with ``status`` at once.
+
+  No interpreter teardown: no atexit handlers, no joining of tf.data, prefetch
+  or Orbax threads (tens of seconds after a preemption save). Call it only
+  with every checkpoint complete, or with nothing to save.
+  """
+  logging.error('%s', message)
+  print(message, file=sys.stderr)
+  logging.flush()
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def leave() -> None:
+  """Leaves the multi-process runtime together (a barrier), before ``exit_now``; else nothing.
+
+  Process 0 hosts the coordination service: ending it while another process
+  still waits in a barrier would fail that process instead of letting it exit 75.
+  """
+  if jax.distributed.is_initialized():
+    with contextlib.suppress(Exception):  # Already leaving: the exit status matters more.
+      jax.distributed.shutdown()
+
+
+def _on_signal(signum: int) -> None:
+  """SIGTERM or SIGINT: save and stop inside a training loop, else stop at once with 75."""
+  name = _SIGNALS.get(signum, str(signum))
   if not _loop_running:
-    # Nothing would save a checkpoint (start-up, compiling, evaluation):
-    # stop at once, as SIGTERM does by default.
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-    return
-  if not _sigterm.is_set():
-    logging.warning('SIGTERM: saving a checkpoint after the current step, then stopping.')
-  _sigterm.set()
+    exit_now(EXIT_PREEMPTED, f'Stopped by {name} outside a training loop (start-up, compiling, '
+             'evaluation or between runs): nothing new to save; run the same command again to '
+             'resume from the last complete checkpoint.')
+  global _stop_signal
+  if not _stop.is_set():
+    _stop_signal = name
+    logging.warning('%s: saving a checkpoint after the current step, then stopping.', name)
+  if jax.distributed.is_initialized() and signum != signal.SIGTERM:
+    # JAX's preemption sync manager listens for SIGTERM only; it makes every
+    # process save at the same step.
+    os.kill(os.getpid(), signal.SIGTERM)
+  _stop.set()
+
+
+def _watch(read_fd: int) -> None:
+  """Acts on each signal as it arrives (the C-level handler writes it to ``read_fd``).
+
+  Python runs signal handlers in the main thread between bytecodes only, so
+  not during a compilation or a long XLA call; this thread is woken at once.
+  """
+  while True:
+    try:
+      data = os.read(read_fd, 64)
+    except InterruptedError:
+      continue
+    for signum in data:
+      if signum in _SIGNALS:
+        _on_signal(signum)
+
+
+def _install_signal_handlers() -> None:
+  """SIGINT always, SIGTERM unless JAX's preemption sync manager handles it; one watcher."""
+  signums = [signal.SIGINT]
+  if not jax.distributed.is_initialized():
+    # No distributed runtime, hence no preemption sync manager: one process
+    # needs no agreement on the step, a flag is enough.
+    signums.append(signal.SIGTERM)
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  for signum in signums:
+    signal.signal(signum, _ignore)
+  threading.Thread(target=_watch, args=(read_fd,), name='signal_watcher', daemon=True).start()
 
 
 def initialize(auto: bool = False, coordinator_address: Optional[str] = None,
@@ -75,10 +147,7 @@ def initialize(auto: bool = False, coordinator_address: Optional[str] = None,
     # Arguments left as None are filled in by JAX's cluster detection.
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
-  if not jax.distributed.is_initialized():
-    # No distributed runtime, hence no preemption sync manager: one process
-    # needs no agreement on the step, a flag is enough.
-    signal.signal(signal.SIGTERM, _on_sigterm)
+  _install_signal_handlers()
 
 
 def preemption_requested(step: int) -> bool:
@@ -92,7 +161,12 @@ def preemption_requested(step: int) -> bool:
   _loop_running = True
   if jax.distributed.is_initialized():
     return multihost_utils.reached_preemption_sync_point(step)
-  return _sigterm.is_set()
+  return _stop.is_set()
+
+
+def stop_signal() -> str:
+  """The name of the signal that stopped the training loop ('SIGTERM' for JAX's sync manager)."""
+  return _stop_signal
 
 
 def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
@@ -112,7 +186,7 @@ def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
 
 
 def training_loop_ended() -> None:
-  """From now on SIGTERM ends a single process at once again (nothing polls it)."""
+  """From now on SIGTERM and SIGINT end the process at once again (nothing polls them)."""
   global _loop_running
   _loop_running = False
 

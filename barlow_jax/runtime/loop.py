@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from barlow_jax.errors import CheckpointSaveError
 from barlow_jax.errors import Preempted
+from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import distributed
 
 # Called after a step with (updates done, state); returns scalars to log, or None.
@@ -66,6 +68,43 @@ def _check_finite(scalars: dict, first: int, last: int, mngr: ocp.CheckpointMana
   raise FloatingPointError(
       f'Non-finite metrics between steps {first} and {last}: {scalars}. '
       f'The last good checkpoint (step {mngr.latest_step()}) is kept.')
+
+
+def _saving(mngr: ocp.CheckpointManager, step: Optional[int], action: Callable[[], Any]) -> None:
+  """Runs a save-related ``action`` of ``mngr``; a failed save becomes CheckpointSaveError.
+
+  Orbax saves in a background thread and reports its failure (a full disk, a
+  read-only directory) at the next save, check or wait: here, at the latest
+  one step after it happened. The partial checkpoint is removed.
+  """
+  try:
+    action()
+  except Exception as e:  # pylint: disable=broad-except  # OSError, tensorstore's ValueError, ...
+    directory = str(mngr.directory)
+    partial = [int(d.split('.')[0]) for d in checkpoint.remove_partial(directory)
+               if d.split('.')[0].isdigit()]
+    complete = checkpoint.complete_steps(directory)
+    which = f'step {max(partial)}' if partial else ('' if step is None else f'step {step}')
+    raise CheckpointSaveError(
+        f'Saving checkpoint {which} into {directory} failed: {type(e).__name__}: {e}. The '
+        f'partial checkpoint was removed; the last complete checkpoint is '
+        f'{f"step {complete[-1]}" if complete else "none"}. Free space (or fix the permissions) '
+        'there and run the same command again to resume from it.') from e
+
+
+def _save(mngr: ocp.CheckpointManager, state, step: int, last: int, save_now: bool) -> int:
+  """Reports a failed background save at once; saves ``state`` if ``save_now``; the last step saved."""
+  _saving(mngr, last, mngr.check_for_errors)
+  if not save_now:
+    return last
+  _saving(mngr, last, lambda: mngr.save(step, args=ocp.args.StandardSave(state)))
+  return step
+
+
+def finish_saves(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight (CheckpointSaveError if it failed) and closes ``mngr``."""
+  _saving(mngr, None, mngr.wait_until_finished)
+  mngr.close()
 
 
 def _run_hooks(hooks: Sequence[Hook], step: int, state, writer, progress: Progress) -> None:
@@ -143,7 +182,7 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     FloatingPointError: non-finite metrics; the last good checkpoint is kept.
     Preempted: stopped by SIGTERM after a completed save.
   """
-  summed, count = None, 0
+  summed, count, saved = None, 0, start_step
   total = schedule.total_steps
   for step in range(start_step, total):
     batch = next(batches)
@@ -159,12 +198,13 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     save_now = done % schedule.save_every == 0 or done == total or preempted
     if _report(summed, count, done, schedule, save_now, mngr, writer, progress):
       summed, count = None, 0
-    if save_now:
-      mngr.save(done, args=ocp.args.StandardSave(state))
+    saved = _save(mngr, state, done, saved, save_now)
     if preempted:
-      mngr.wait_until_finished()  # Exit only with the checkpoint complete.
-      raise Preempted(f'Preempted (SIGTERM): saved checkpoint step {done} of {total} in '
+      _saving(mngr, saved, mngr.wait_until_finished)  # Exit only with the checkpoint complete.
+      raise Preempted(f'Preempted ({distributed.stop_signal()}): saved checkpoint step {done} of {total} in '
                       f'{mngr.directory}; run the same command again to resume.')
     _run_hooks(hooks, done, state, writer, progress)
+  # The last save complete before a signal may end the process at once again.
+  _saving(mngr, saved, mngr.wait_until_finished)
   distributed.training_loop_ended()
   return state

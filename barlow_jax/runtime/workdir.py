@@ -16,6 +16,7 @@ whole new config), and the config a run follows is then the latest one there
 (``read_config``).
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -45,9 +46,17 @@ _SHOWN = 12  # Differences listed in a message; the rest are counted.
 def write_text(path: str, text: str) -> None:
   """Writes ``text`` to ``path`` atomically (aside, then renamed)."""
   tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    # A full disk fails the write or the close: no empty or partial file is left.
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
