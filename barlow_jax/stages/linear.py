@@ -42,11 +42,7 @@ def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
     encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
                                        overrides)
     return encoder, f'pretrained, step {encoder.step}'
-  pretrained_config = workdir_lib.read_config(config.pretrained_workdir, 'pretraining',
-                                              mode='pretrain', key='pretrained_workdir')
-  for key, value in overrides.items():
-    if value is not None:
-      pretrained_config[key] = value
+  pretrained_config = pretrain.read_pretrained_config(config.pretrained_workdir, overrides)
   model = factory.create_model(pretrained_config)
   size = pretrained_config.augment.crop_size
   variables = model.init(jax.random.PRNGKey(config.seed),

@@ -120,6 +120,20 @@ class Pretrained(NamedTuple):
   step: int
 
 
+def read_pretrained_config(workdir: str, data_overrides: Optional[dict] = None):
+  """The config a pretraining run recorded, with the non-None ``data_overrides`` applied.
+
+  Raises:
+    WorkdirError: no config.json, or the workdir of another mode.
+  """
+  config = workdir_lib.read_config(workdir, 'pretraining', mode='pretrain',
+                                   key='pretrained_workdir')
+  for key, value in (data_overrides or {}).items():
+    if value is not None:  # The data may live elsewhere now.
+      config[key] = value
+  return config
+
+
 def load_pretrained(workdir: str, mesh, step: Optional[int] = None,
                     data_overrides: Optional[dict] = None) -> Pretrained:
   """The model and weights of the pretraining run in ``workdir`` (opened read-only).
@@ -136,11 +150,7 @@ def load_pretrained(workdir: str, mesh, step: Optional[int] = None,
       run, a probe, ...).
     CheckpointError: no such checkpoint, unreadable, or not this architecture.
   """
-  config = workdir_lib.read_config(workdir, 'pretraining', mode='pretrain',
-                                   key='pretrained_workdir')
-  for key, value in (data_overrides or {}).items():
-    if value is not None:
-      config[key] = value
+  config = read_pretrained_config(workdir, data_overrides)
   model = factory.create_model(config)
   size = config.augment.crop_size
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
