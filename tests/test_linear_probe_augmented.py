@@ -25,6 +25,7 @@ from barlow_jax.evaluators import linear_probe
 from barlow_jax.models import factory
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import linear
+from barlow_jax.stages import pretrain
 from conftest import (DATA_DIR, config_module, features, needs_cifar10, pretraining_workdir,
                       snapshot, tiny_config)
 
@@ -183,3 +184,26 @@ def test_invalid_probe_settings_name_the_key(tmp_path):
     config_validation.validate_linear(config)
   config.probe.view.flip = 0.5
   config_validation.validate_linear(config)
+
+
+@needs_cifar10
+def test_random_init_baseline_has_the_recorded_architecture_and_fresh_weights(tmp_path,
+                                                                            small_resnet):
+  pretraining = tiny_config()
+  pretraining.model.encoder = small_resnet
+  pretraining_workdir(tmp_path / 'bt', pretraining, step=2)
+  config = cifar_linear.get_config()
+  config.pretrained_workdir, config.random_init, config.seed = str(tmp_path / 'bt'), True, 7
+  config.data_dir = '/elsewhere/tfds'  # An override of the recorded data dir is applied.
+  mesh = mesh_lib.make_mesh()
+  random, description = linear.load_encoder(config, mesh)
+  trained = pretrain.load_pretrained(str(tmp_path / 'bt'), mesh)
+  assert description == 'random init (same architecture)' and random.step == 0
+  assert random.config.data_dir == '/elsewhere/tfds'
+  assert trained.config.data_dir == DATA_DIR  # The recorded one, without overrides.
+  shapes = lambda v: jax.tree.map(np.shape, v)
+  assert shapes(random.variables['params']) == shapes(trained.variables['params'])
+  differs = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                                         random.variables['params']['backbone'],
+                                         trained.variables['params']['backbone']))
+  assert any(differs)  # Another initialisation (seed 7), not the checkpoint.
