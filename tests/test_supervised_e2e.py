@@ -55,7 +55,7 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   config.label_fraction, config.num_steps, config.batch_size = 0.1, 3, 16
   config.log_every, config.checkpoint.every_steps = 1, 3
   config.eval.train_split, config.eval.test_split, config.eval.batch_size = (
-      'train[:40]', 'test[:40]', 16)
+      'train[:1000]', 'test[:40]', 64)
   results = finetune.run(config, str(tmp_path / 'ft'))
   assert snapshot(tmp_path / 'bt') == pretrained_files  # The pretraining workdir is only read.
 
@@ -65,6 +65,11 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   assert saved['num_train'] == 100  # 10% of train[:1000], 10 per class.
   assert saved['model']['encoder'] == small_resnet and saved['model']['width'] == 4
   assert saved['test']['num_examples'] == 40
+  # Train accuracy on every image of the split and on the labelled fraction trained on.
+  assert saved['train']['num_examples'] == 1000
+  assert saved['train_labelled']['num_examples'] == 100
+  assert np.array(saved['train_labelled']['confusion_matrix']).sum(axis=1).tolist() == [10] * 10
+  assert '| train, the labelled fraction trained on |' in (tmp_path / 'ft' / 'results.md').read_text()
   for key in ('top1', 'top5', 'micro', 'macro'):
     assert 0.0 <= saved['test'][key] <= 1.0
   assert '| test |' in (tmp_path / 'ft' / 'results.md').read_text()
