@@ -25,11 +25,15 @@ from barlow_jax.errors import ConfigError
 
 def configs_dir() -> pathlib.Path:
   """The configs folder of this installation (the repository's, or the installed package's)."""
+  # A checkout (installed editable or not): the configs beside this code, even
+  # when another checkout is the one installed.
+  checkout = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+  if (checkout / 'cifar_bt.py').is_file():
+    return checkout
   installed = importlib.util.find_spec('barlow_jax.configs')
   if installed is not None and installed.submodule_search_locations:
     return pathlib.Path(list(installed.submodule_search_locations)[0])
-  # A checkout used without installing it.
-  return pathlib.Path(__file__).resolve().parents[1] / 'configs'
+  return checkout
 
 
 def available() -> list[str]:

@@ -197,3 +197,5 @@ def validate_finetune(config) -> None:
            f'config.pretrained_workdir={workdir!r} has no config.json (not a pretraining workdir?).')
   _require(0.0 < config.label_fraction <= 1.0,
            f'config.label_fraction={config.label_fraction} must be in (0, 1].')
+  _require(config.head_init in ('linear_probe', 'random'),
+           f"config.head_init={config.head_init!r} must be 'linear_probe' or 'random'.")

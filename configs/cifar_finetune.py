@@ -19,6 +19,7 @@ from ml_collections import config_dict
 
 from barlow_jax.config_files import sibling
 
+cifar_linear = sibling(__file__, 'cifar_linear')
 cifar_supervised_bt = sibling(__file__, 'cifar_supervised_bt')
 
 
@@ -52,6 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.schedule = 'warmup_cosine'
   config.optimizer.warmup_epochs = 0.0
   config.optimizer.end_lr_factor = 0.0
+
+  # 'linear_probe': the classifier starts from a linear probe on the labelled
+  # images' clean features (stages/finetune.probe_classifier, LP-FT);
+  # 'random': a fresh classifier, as the official evaluate.py.
+  config.head_init = 'linear_probe'
+  probe = cifar_linear.get_config().probe
+  config.probe = ml_collections.ConfigDict(
+      {k: probe[k] for k in ('epochs', 'batch_size', 'lr', 'weight_decay', 'momentum')})
 
   config.augment = ml_collections.ConfigDict(base.augment.to_dict())  # crop + flip on view1.
   config.eval = ml_collections.ConfigDict(base.eval.to_dict())

@@ -65,6 +65,19 @@ def test_linear_probe_learns_a_separable_problem():
   assert (classify(x[600:]).argmax(1) == y[600:]).mean() > 0.95
 
 
+def test_probe_folded_into_a_dense_layer_gives_the_probes_logits():
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(300, 6)) * rng.uniform(0.1, 5, 6) + rng.normal(size=6) * 4).astype(np.float32)
+  y = rng.integers(0, 3, 300)
+  params, mean, std = linear_probe.fit_linear_probe(x, y, 3, epochs=5, batch_size=50, lr=0.1,
+                                                    weight_decay=0.0)
+  dense = linear_probe.as_dense(params, mean, std)
+  # Independent reference: standardise, then the probe's own weights (float64).
+  expected = ((x - mean) / std) @ np.asarray(params['w'], np.float64) + np.asarray(params['b'])
+  np.testing.assert_allclose(x @ dense['kernel'] + dense['bias'], expected, rtol=1e-4, atol=1e-4)
+  assert dense['kernel'].shape == (6, 3) and dense['bias'].shape == (3,)
+
+
 @needs_cifar10
 def test_padded_features_count_every_example_once_on_8_devices():
   config = tiny_config()

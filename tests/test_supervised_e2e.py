@@ -8,6 +8,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from barlow_jax.data import pipeline
+from barlow_jax.evaluators import linear_probe
+from barlow_jax.evaluators import predict
 from barlow_jax.stages import finetune
 from barlow_jax.models import factory
 from barlow_jax.stages import supervised
@@ -86,3 +89,40 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   distance = lambda a, b: float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
   to_pretrained = distance(tuned, jax.device_get(pretrained['params']['backbone']))
   assert to_pretrained < 0.01 * distance(tuned, fresh), to_pretrained
+
+
+@needs_cifar10
+def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
+  pretraining = tiny_config()
+  pretraining.model.encoder = small_resnet
+  pretraining_workdir(tmp_path / 'bt', pretraining, step=2)
+  config = cifar_finetune.get_config()
+  config.pretrained_workdir, config.data_dir, config.download = str(tmp_path / 'bt'), DATA_DIR, False
+  config.train_split, config.label_fraction, config.eval.batch_size = 'train[:1000]', 0.1, 64
+  config.probe.epochs = 5
+  mesh = mesh_lib.make_mesh()
+  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh)
+  init = finetune.initial_variables(config, encoder, mesh)
+
+  # Reference: the linear probe fitted on the same labelled images' features.
+  feats = predict.predict_split(encoder.config, predict.make_predict_fn(
+      encoder.config, encoder.model, None, outputs=('features',)), encoder.variables,
+      'train[:1000]', 64, mesh)
+  keep = pipeline.balanced_subset(feats['label'], 0.1, 10, config.fraction_seed)
+  probe = linear_probe.train_linear_probe(
+      feats['features'][keep], feats['label'][keep], 10, epochs=5, batch_size=256,
+      lr=config.probe.lr, weight_decay=config.probe.weight_decay, seed=config.seed,
+      per_feature=False)
+  head = jax.device_get(init['params']['classifier'])
+  logits = feats['features'][keep] @ head['kernel'] + head['bias']
+  np.testing.assert_allclose(logits, probe(feats['features'][keep]), rtol=1e-3, atol=1e-3)
+  # The initial modules are the fine-tuning model's own, with its shapes.
+  model = factory.create_supervised_model(finetune.supervised_config(config, encoder.config))
+  fresh = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  assert set(init['params']) == {'backbone', 'classifier'}
+  for name in init['params']:
+    assert (jax.tree.map(np.shape, jax.device_get(init['params'][name]))
+            == jax.tree.map(np.shape, fresh['params'][name]))
+
+  config.head_init = 'random'
+  assert set(finetune.initial_variables(config, encoder, mesh)['params']) == {'backbone'}

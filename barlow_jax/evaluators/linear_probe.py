@@ -27,12 +27,19 @@ from barlow_jax.runtime import loop
 from barlow_jax.runtime import mesh as mesh_lib
 
 
-def feature_standardizer(train_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, std) per feature of the training features; the probes divide by std.
+def feature_standardizer(train_features: np.ndarray,
+                         per_feature: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) of the training features; the probes divide by std.
 
-  Standardising first lets one learning rate fit every encoder width.
+  Standardising first lets one learning rate fit every encoder width. With
+  ``per_feature=False`` every feature is divided by the same std (that of all
+  centred features): a probe folded into a layer that keeps training
+  (fine-tuning) must not multiply a nearly constant feature by 1 / its tiny std.
   """
-  return train_features.mean(0), train_features.std(0) + 1e-6
+  mean = train_features.mean(0)
+  if per_feature:
+    return mean, train_features.std(0) + 1e-6
+  return mean, np.full_like(mean, (train_features - mean).std() + 1e-6)
 
 
 def probe_optimizer(lr: float, weight_decay: float, momentum: float,
@@ -80,13 +87,34 @@ def _probe_predictor(params: dict, mean: np.ndarray, std: np.ndarray):
   return predict
 
 
-def train_linear_probe(train_features, train_labels, num_classes: int, *, epochs: int,
-                       batch_size: int, lr: float, weight_decay: float, momentum: float = 0.9,
-                       seed: int = 0, batch_indices: Optional[np.ndarray] = None):
+def train_linear_probe(train_features, train_labels, num_classes: int, **hparams):
+  """predict(features) -> [n, num_classes] logits of fit_linear_probe's classifier."""
+  return _probe_predictor(*fit_linear_probe(train_features, train_labels, num_classes, **hparams))
+
+
+def as_dense(params: dict, mean: np.ndarray, std: np.ndarray) -> dict:
+  """The probe as a Dense layer on raw features: standardisation folded into its weights.
+
+  ((x - mean) / std) @ w + b == x @ (w / std) + (b - (mean / std) @ w).
+
+  Returns:
+    {'kernel': [F, K], 'bias': [K]} float32, as flax.linen.Dense names them.
+  """
+  w, b = np.asarray(params['w'], np.float64), np.asarray(params['b'], np.float64)
+  kernel = w / std[:, None]
+  bias = b - (mean / std) @ w
+  return {'kernel': kernel.astype(np.float32), 'bias': bias.astype(np.float32)}
+
+
+def fit_linear_probe(train_features, train_labels, num_classes: int, *, epochs: int,
+                     batch_size: int, lr: float, weight_decay: float, momentum: float = 0.9,
+                     seed: int = 0, batch_indices: Optional[np.ndarray] = None,
+                     per_feature: bool = True):
   """Softmax regression on cached features: SGD momentum, cosine lr, weight decay.
 
   Features are standardised with the training mean/std first
-  (feature_standardizer); the returned ``predict`` applies the same transform.
+  (feature_standardizer); predictions must apply the same transform
+  (_probe_predictor, or as_dense to fold it into the weights).
 
   Args:
     train_features: [n, F] features.
@@ -101,15 +129,17 @@ def train_linear_probe(train_features, train_labels, num_classes: int, *, epochs
     batch_indices: [steps, batch_size] rows of ``train_features`` for each
       step, replacing the epochs of shuffles (e.g. another pipeline's order);
       the cosine then runs over these steps.
+    per_feature: standardise each feature by its own std (else by one std).
 
   Returns:
-    predict(features) -> [n, num_classes] logits.
+    (params {'w': [F, K], 'b': [K]}, mean [F], std [F]).
   """
-  mean, std = feature_standardizer(train_features)
+  mean, std = feature_standardizer(train_features, per_feature)
   x_all = jnp.asarray((train_features - mean) / std, jnp.float32)
   y_all = jnp.asarray(train_labels, jnp.int32)
   n, dim = x_all.shape
-  steps_per_epoch = max(1, n // batch_size)
+  batch_size = min(batch_size, n)  # A labelled fraction may hold fewer examples than a batch.
+  steps_per_epoch = n // batch_size
   total = epochs * steps_per_epoch if batch_indices is None else len(batch_indices)
   tx = probe_optimizer(lr, weight_decay, momentum, total)
 
@@ -129,7 +159,7 @@ def train_linear_probe(train_features, train_labels, num_classes: int, *, epochs
     for key in jax.random.split(jax.random.PRNGKey(seed), epochs):
       order = jax.random.permutation(key, n)[:steps_per_epoch * batch_size]
       carry = fit(carry, order.reshape(steps_per_epoch, batch_size))
-  return _probe_predictor(carry[0], mean, std)
+  return jax.device_get(carry[0]), mean, std
 
 
 def make_augmented_probe_step(config, model, view: augment.ViewAugment,

@@ -30,8 +30,9 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
     mesh: the data mesh.
     seed: initialisation and augmentation keys derive from PRNGKey(seed).
     image_size: side of the (square) network input, for the dummy batch.
-    variables: {'params', 'batch_stats'} whose 'backbone' replaces the fresh
-      encoder (fine-tuning from a pretrained encoder); None keeps the init.
+    variables: {'params', 'batch_stats'} whose modules replace the fresh
+      ones of the same name (fine-tuning: the pretrained 'backbone' and,
+      initialised by a linear probe, the 'classifier'); None keeps the init.
   """
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
 
@@ -41,8 +42,8 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
     fresh = model.init(init_rng, dummy, train=False)
     params, batch_stats = dict(fresh['params']), dict(fresh['batch_stats'])
     if variables is not None:
-      params['backbone'] = variables['params']['backbone']
-      batch_stats['backbone'] = variables['batch_stats']['backbone']
+      params.update(variables['params'])
+      batch_stats.update(variables.get('batch_stats', {}))
     return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), rng=state_rng)
 

@@ -13,9 +13,15 @@ training labels. Writes results.json / results.md (top-1, top-5, micro,
 macro-F1 on train, test and augmented test) like every supervised run.
 """
 
+from absl import logging
 import ml_collections
+import numpy as np
 
 from barlow_jax import config_validation
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+from barlow_jax.evaluators import linear_probe
+from barlow_jax.evaluators import predict
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import pretrain
 from barlow_jax.stages import supervised
@@ -49,6 +55,47 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   return result
 
 
+def probe_classifier(config, encoder: pretrain.Pretrained, mesh) -> dict:
+  """The classifier's first weights: a linear probe on the labelled fraction (LP-FT).
+
+  The probe (evaluators/linear_probe, ``config.probe``) is fitted on the clean
+  features of the labelled images the fine-tuning trains on (centred, and
+  scaled by one std: see linear_probe.feature_standardizer), then folded into
+  a Dense layer on raw features. Fine-tuning then starts where the linear
+  probe ends instead of from a random classifier, whose gradients first pull
+  the encoder towards fitting noise (Kumar et al. (2022), "Fine-Tuning can
+  Distort Pretrained Features and Underperform Out-of-Distribution"). At CPU
+  scale, 20 epochs from a random classifier ended 2 points below the linear
+  probe with the same encoder and labels (README).
+
+  Returns:
+    {'kernel': [F, K], 'bias': [K]} of the classifier.
+  """
+  fn = predict.make_predict_fn(encoder.config, encoder.model, None, outputs=('features',))
+  out = predict.predict_split(encoder.config, fn, encoder.variables, config.train_split,
+                              config.eval.batch_size, mesh, seed=config.seed)
+  num_classes = datasets.dataset_spec(encoder.config.dataset).num_classes
+  keep = np.arange(len(out['label']))  # Split order, as pipeline.load_train_data selects.
+  if config.label_fraction < 1.0:
+    keep = pipeline.balanced_subset(out['label'], config.label_fraction, num_classes,
+                                    config.fraction_seed)
+  p = config.probe
+  fitted = linear_probe.fit_linear_probe(
+      out['features'][keep], out['label'][keep], num_classes, epochs=p.epochs,
+      batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
+      seed=config.seed, per_feature=False)
+  logging.info('Classifier initialised by a linear probe on %d labelled images.', len(keep))
+  return linear_probe.as_dense(*fitted)
+
+
+def initial_variables(config, encoder: pretrain.Pretrained, mesh) -> dict:
+  """The pretrained encoder and, with head_init 'linear_probe', the probe's classifier."""
+  params = {'backbone': encoder.variables['params']['backbone']}
+  if config.head_init == 'linear_probe':
+    params['classifier'] = probe_classifier(config, encoder, mesh)
+  return {'params': params, 'batch_stats': {'backbone': encoder.variables['batch_stats']['backbone']}}
+
+
 def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Restores the encoder, fine-tunes it with a new classifier, evaluates.
 
@@ -59,11 +106,12 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
     The results dict (also written to ``workdir``/results.json).
   """
   config_validation.validate_finetune(config)
-  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh_lib.make_mesh(),
-                                     config.checkpoint_step,
+  mesh = mesh_lib.make_mesh()
+  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
                                      {'data_dir': config.data_dir, 'download': config.download})
   source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
   return supervised.run(supervised_config(config, encoder.config), workdir,
-                        init_variables=encoder.variables, extra_results=source,
+                        init_variables=initial_variables(config, encoder, mesh),
+                        extra_results=source,
                         allow_config_change=allow_config_change)
