@@ -179,7 +179,7 @@ def _problems(state: dict, wanted: dict) -> list[str]:
   """Missing, unexpected and wrongly shaped tensors of ``state`` against {name: torch shape}."""
   missing = [f'missing {k} {v}' for k, v in wanted.items() if k not in state]
   unexpected = [f'unexpected {k} {tuple(v.shape)}' for k, v in state.items() if k not in wanted]
-  shapes = [f'{k}: {tuple(state[k].shape)}, ResNet-50 has {v}' for k, v in wanted.items()
+  shapes = [f'{k}: {tuple(state[k].shape)}, expected {v}' for k, v in wanted.items()
             if k in state and tuple(state[k].shape) != v]
   return missing + unexpected + shapes
 
@@ -266,7 +266,8 @@ def convert(torch_checkpoint: str, workdir: str, dataset: str = 'imagenet2012',
       dataset, or a non-empty workdir; nothing is written then.
   """
   workdir = os.path.abspath(workdir)
-  datasets.dataset_spec(dataset)  # ConfigError naming it, before reading anything.
+  if dataset not in datasets.DATASETS:  # Before reading anything.
+    raise errors.ConfigError(f'--dataset={dataset!r} is not one of {sorted(datasets.DATASETS)}.')
   _check_workdir(workdir)
   state = load_state_dict(torch_checkpoint)
   if data_dir and '://' not in data_dir:  # config.json must find it from any directory.

@@ -140,7 +140,7 @@ def test_bad_inputs_name_the_problem(tmp_path, torch_resnet50):
   with pytest.raises(errors.CheckpointError) as e:
     convert.convert(str(tmp_path / 'bad.pth'), str(tmp_path / 'a'))
   for name in ('missing layer4.2.bn3.running_var', 'unexpected layer9.extra',
-               'layer3.1.conv2.weight: (256, 128, 3, 3), ResNet-50 has (256, 256, 3, 3)'):
+               'layer3.1.conv2.weight: (256, 128, 3, 3), expected (256, 256, 3, 3)'):
     assert name in str(e.value)
   assert not os.path.exists(tmp_path / 'a')
   with pytest.raises(errors.CheckpointError, match='no such file'):
