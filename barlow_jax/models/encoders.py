@@ -16,6 +16,12 @@ ModuleDef = Any
 # PyTorch's BatchNorm momentum 0.1 is Flax's 0.9 (Flax keeps 0.9 of the old value).
 BN_MOMENTUM = 0.9
 BN_EPS = 1e-5
+# torchvision's padding, written out: Flax's 'SAME' pads a stride-2 layer of an
+# even input by (0, 1) where torch pads (1, 1), which shifts every window by a
+# pixel (features of converted torchvision weights would not match). For
+# stride 1 the two agree.
+PAD_3X3 = ((1, 1), (1, 1))
+PAD_7X7 = ((3, 3), (3, 3))
 
 
 def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, **kwargs) -> ModuleDef:
@@ -34,9 +40,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     residual = x
-    y = self.conv(self.filters, (3, 3), self.strides)(x)
+    y = self.conv(self.filters, (3, 3), self.strides, padding=PAD_3X3)(x)
     y = nn.relu(self.norm()(y))
-    y = self.conv(self.filters, (3, 3))(y)
+    y = self.conv(self.filters, (3, 3), padding=PAD_3X3)(y)
     # Zero-init of the last BN scale makes every block start as identity.
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
     if residual.shape != y.shape:
@@ -56,7 +62,8 @@ class BottleneckBlock(nn.Module):
   def __call__(self, x):
     residual = x
     y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
-    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides)(y)))
+    # The stride is on the 3x3 conv (ResNet v1.5, as torchvision).
+    y = nn.relu(self.norm()(self.conv(self.filters, (3, 3), self.strides, padding=PAD_3X3)(y)))
     y = self.conv(self.filters * 4, (1, 1))(y)
     y = self.norm(scale_init=nn.initializers.zeros_init())(y)
     if residual.shape != y.shape:
@@ -90,9 +97,10 @@ class ResNet(nn.Module):
       x = conv(self.width, (3, 3), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
     else:
-      x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='stem_conv')(x)
+      x = conv(self.width, (7, 7), (2, 2), padding=PAD_7X7, name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+      # Padded with -inf, as torch's MaxPool2d(3, 2, padding=1).
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_3X3)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
