@@ -98,6 +98,7 @@ def _save(mngr: ocp.CheckpointManager, state, step: int, last: int, save_now: bo
   if not save_now:
     return last
   _saving(mngr, last, lambda: mngr.save(step, args=ocp.args.StandardSave(state)))
+  logging.info('Saving checkpoint step %d in %s.', step, mngr.directory)
   return step
 
 
