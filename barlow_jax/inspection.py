@@ -4,6 +4,7 @@ What notebooks/inspect_run.ipynb shows, as functions with tests, so that its
 cells stay one call each.
 """
 
+import re
 from typing import Optional, Sequence
 
 from flax import traverse_util
@@ -13,9 +14,15 @@ from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 
 
+def _natural(name: str) -> list:
+  """Sort key putting 'Block_2' before 'Block_10'."""
+  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+
+
 def _flat(tree: dict) -> dict:
-  """{'a/b/c': leaf} of a nested dict, in sorted key order."""
-  return {'/'.join(k): v for k, v in sorted(traverse_util.flatten_dict(tree).items())}
+  """{'a/b/c': leaf} of a nested dict, in natural order of the names."""
+  flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+  return {name: flat[name] for name in sorted(flat, key=_natural)}
 
 
 def param_table(params: dict) -> list[tuple[str, tuple, int]]:
@@ -25,9 +32,9 @@ def param_table(params: dict) -> list[tuple[str, tuple, int]]:
 
 
 def batchnorm_stats(batch_stats: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
-  """(layer, running mean [C], running variance [C]) of every BatchNorm, in sorted order."""
+  """(layer, running mean [C], running variance [C]) of every BatchNorm, in name order."""
   flat = _flat(batch_stats)
-  layers = sorted({name.rsplit('/', 1)[0] for name in flat})
+  layers = sorted({name.rsplit('/', 1)[0] for name in flat}, key=_natural)
   return [(layer, np.asarray(flat[f'{layer}/mean']), np.asarray(flat[f'{layer}/var']))
           for layer in layers]
 
@@ -55,7 +62,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 def first_images(config, num: int, split: Optional[str] = None
                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """The first ``num`` examples of ``split`` (default the test split): uint8 images, labels, class names."""
+  """uint8 images, labels and class names of the first ``num`` examples of ``split``.
+
+  ``split`` defaults to the dataset's test split; one process reads them all.
+  """
   spec = datasets.dataset_spec(config.dataset)
   split = split or spec.test_split
   builder = datasets.get_builder(config.dataset, config.data_dir, config.download)

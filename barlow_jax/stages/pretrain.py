@@ -152,11 +152,11 @@ def make_image_hook(two_views, save_every: int, total_steps: int, num_shown: int
 
 
 def write_cross_correlation_png(sample: TwoViews, path: str, max_dim: int = 128) -> None:
-  """Pictures C of a TwoViews sample; only its top-left ``max_dim`` block (8192 x 8192 is unreadable)."""
+  """Pictures C of a TwoViews sample: its top-left ``max_dim`` block (8192 x 8192 is unreadable)."""
   c = sample.c
+  first = f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''
   plots.cross_correlation_png(c[:max_dim, :max_dim], path,
-                              f'C of {len(sample.view1)} test images, step {sample.step}'
-                              + (f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''))
+                              f'C of {len(sample.view1)} test images, step {sample.step}{first}')
 
 
 class Pretrained(NamedTuple):
