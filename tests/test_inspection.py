@@ -105,7 +105,7 @@ def test_image_hook_writes_views_at_step_1_and_c_at_every_checkpoint():
     view = np.full((10, 4, 4, 3), step / 10.0)
     return pretrain.TwoViews(np.eye(3), view, view, step)
 
-  hook = pretrain.make_image_hook(two_views, save_every=4, total_steps=10, num_shown=8)
+  hook = pretrain.make_image_hook(lambda: two_views, save_every=4, total_steps=10, num_shown=8)
   state = type('State', (), {'params': {}, 'batch_stats': {}})()
   out = {step: hook(step, state) for step in range(1, 11)}
   assert calls == [1, 4, 8, 10]

@@ -175,10 +175,9 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     writer: a clu metric writer.
     progress: the console reporter.
     start_step: the step ``state`` is at.
-    hooks: ``hook(step, state) -> dict of summaries or None``, called on every
+    hooks: ``hook(step, state) -> summaries (Hook) or None``, called on every
       process after each step with the updates done and the state as saved;
-      their scalars and images ([N, H, W, C] in [0, 1]) go to ``writer``, their
-      time is not in the images/s.
+      their summaries go to ``writer``, their time is not in the images/s.
     frozen: further arguments of every step that never change (a frozen
       encoder's variables); not saved.
 

@@ -11,6 +11,7 @@ while they are learned. The step, the loop, checkpoints and resume are the
 trainer's (trainer.py).
 """
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -29,6 +30,7 @@ from barlow_jax.data import pipeline
 from barlow_jax.evaluators import knn_monitor
 from barlow_jax.models import factory
 from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import distributed
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.runtime.mesh import DATA_AXIS
@@ -72,16 +74,16 @@ def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
   length = trainer.Length.of(config, data.num_global)
   model = factory.create_model(config, axis_name=DATA_AXIS)
   hooks = [knn_monitor.make_hook(config, length.steps_per_epoch, length.total_steps, mesh)]
-  # Process 0 writes the summaries; C is one program, compiled once per run.
-  two_views = make_two_view_fn(config) if jax.process_index() == 0 else None
-  if two_views:
-    hooks.append(make_image_hook(two_views, config.checkpoint.every_steps, length.total_steps))
+  # Built on first use: after trainer.fit has checked the workdir (bad input
+  # exits before anything is compiled), then once.
+  two_views = functools.cache(lambda: make_two_view_fn(config))
+  hooks.append(make_image_hook(two_views, config.checkpoint.every_steps, length.total_steps))
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.lambd), data, mesh,
                       num_views=2, console_keys=CONSOLE_KEYS, hooks=[h for h in hooks if h],
                       allow_config_change=allow_config_change)
-  if two_views:
-    final = two_views({'params': state.params, 'batch_stats': state.batch_stats},
-                      int(state.step.addressable_data(0)))
+  if jax.process_index() == 0:
+    final = two_views()({'params': state.params, 'batch_stats': state.batch_stats},
+                        int(state.step.addressable_data(0)))
     write_cross_correlation_png(final, os.path.join(workdir, 'cross_correlation.png'))
   return state
 
@@ -102,7 +104,7 @@ def make_two_view_fn(config, num_images: int = 256):
 
   The images and the augmentation keys are fixed, so the views are the same
   at every call and C changes only with the weights. BatchNorm runs in
-  inference mode, on this process's first device (one compile per ``fn``).
+  inference mode, on this process's first device (compiled once, here).
   """
   spec = datasets.dataset_spec(config.dataset)
   builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
@@ -122,24 +124,43 @@ def make_two_view_fn(config, num_images: int = 256):
     shown = [jnp.clip(x.astype(jnp.float32) * std + mean, 0.0, 1.0) for x in inputs]
     return losses.cross_correlation(z1, z2), shown[0], shown[1]
 
+  # Compiled here, once: callers may wait for it (make_image_hook).
+  size = aug.crop_size
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((2, size, size, 3)), train=False))
+  abstract = {k: abstract[k] for k in ('params', 'batch_stats')}
+  compiled = correlate.lower(abstract, images).compile()
+
   def two_views(variables: dict, step: int) -> TwoViews:
     local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
     variables = {k: jax.tree.map(local, variables[k]) for k in ('params', 'batch_stats')}
-    c, view1, view2 = jax.device_get(correlate(variables, images))
+    c, view1, view2 = jax.device_get(compiled(variables, images))
     return TwoViews(np.asarray(c), np.asarray(view1), np.asarray(view2), step)
 
   return two_views
 
 
-def make_image_hook(two_views, save_every: int, total_steps: int, num_shown: int = 8,
+def make_image_hook(get_two_views, save_every: int, total_steps: int, num_shown: int = 8,
                     max_dim: int = 128):
-  """A loop hook: both views of ``num_shown`` images after step 1, C at every checkpoint."""
+  """A loop hook: both views of ``num_shown`` images after step 1, C at every checkpoint.
+
+  Only process 0 builds the function (``get_two_views()``, e.g. of
+  make_two_view_fn: it loads images and compiles) and writes the images. The
+  other processes wait for it at the first firing, so that no collective of
+  theirs times out meanwhile (distributed.wait_for_all_processes).
+  """
+  built = []
 
   def hook(step: int, state):
     first, saved = step == 1, step % save_every == 0 or step == total_steps
     if not (first or saved):
       return None
-    sample = two_views({'params': state.params, 'batch_stats': state.batch_stats}, step)
+    if not built:  # The same step on every process.
+      built.append(get_two_views() if jax.process_index() == 0 else None)
+      distributed.wait_for_all_processes('two_views_compiled')
+    if built[0] is None:
+      return None
+    sample = built[0]({'params': state.params, 'batch_stats': state.batch_stats}, step)
     out = {}
     if first:
       grid = plots.image_grid([sample.view1[:num_shown], sample.view2[:num_shown]])
