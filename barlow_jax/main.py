@@ -47,6 +47,9 @@ def _stop_during_imports(signum, frame) -> None:
 if __name__ == '__main__':  # The command line only, not an importing test or notebook.
   signal.signal(signal.SIGTERM, _stop_during_imports)
   signal.signal(signal.SIGINT, _stop_during_imports)
+  # Before TensorFlow loads (it reads its C++ log level once): a quiet console.
+  from barlow_jax import console as _console  # pylint: disable=g-import-not-at-top
+  _console.quiet_native_logs(sys.argv)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -57,6 +60,7 @@ from ml_collections import config_flags
 import tensorflow as tf
 
 from barlow_jax import config_files
+from barlow_jax import console
 from barlow_jax import errors
 from barlow_jax.experiments import reproduce
 from barlow_jax.experiments import sweep
@@ -162,6 +166,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> None:
     absolute_paths(config)
     with distributed.workdir_lock(workdir):
       MODES[mode](config, workdir, allow_config_change=allow_config_change)
+    logging.info('Done: %s into %s.', mode, workdir)
   except errors.ConfigError as e:
     _fail(errors.EXIT_BAD_INPUT, f'Invalid config: {e}')
   except errors.BadInput as e:
@@ -181,6 +186,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}', exitcode=errors.EXIT_BAD_INPUT)
+  if not FLAGS['verbosity'].present:  # absl's --verbosity brings the libraries' lines back.
+    console.quiet_libraries()  # Before JAX probes its backends.
   # Before anything touches a device: the runtime decides which devices exist.
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)

@@ -1,4 +1,10 @@
-"""Pictures of results: confusion matrices, cross-correlation matrices, embeddings."""
+"""Pictures of results: confusion matrices, cross-correlation matrices, embeddings, images.
+
+The ``*_figure`` functions return a matplotlib figure (a notebook shows it
+with ``png_bytes``); the ``*_png`` functions write one to a file.
+"""
+
+import io
 
 import matplotlib
 
@@ -25,7 +31,21 @@ def confusion_matrix_png(confusion, class_names, path: str, title: str = '') -> 
   plt.close(fig)
 
 
-def cross_correlation_png(c, path: str, title: str = 'cross-correlation C') -> None:
+def save(fig, path: str) -> None:
+  """Writes ``fig`` to ``path`` (PNG) and frees it."""
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def png_bytes(fig) -> bytes:
+  """``fig`` as PNG bytes, freed (for IPython.display.Image in a notebook)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  plt.close(fig)
+  return buffer.getvalue()
+
+
+def cross_correlation_figure(c, title: str = 'cross-correlation C'):
   """Heatmap of C in [-1, 1]; Barlow Twins pushes it towards the identity."""
   c = np.asarray(c)
   fig, ax = plt.subplots(figsize=(5.5, 4.8))
@@ -34,8 +54,65 @@ def cross_correlation_png(c, path: str, title: str = 'cross-correlation C') -> N
   ax.set_xlabel('feature j (view 2)'), ax.set_ylabel('feature i (view 1)')
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
+
+
+def cross_correlation_png(c, path: str, title: str = 'cross-correlation C') -> None:
+  save(cross_correlation_figure(c, title), path)
+
+
+def heatmap_rgb(c, min_side: int = 256) -> np.ndarray:
+  """C in [-1, 1] as an [H, W, 3] image in [0, 1] (the colours of the PNG), for TensorBoard.
+
+  Each entry becomes a square of pixels, so that small matrices are not a
+  blur of a few pixels.
+  """
+  c = np.asarray(c, np.float32)
+  rgb = plt.get_cmap('RdBu_r')((np.clip(c, -1, 1) + 1) / 2)[..., :3].astype(np.float32)
+  scale = max(1, -(-min_side // max(c.shape)))
+  return rgb.repeat(scale, 0).repeat(scale, 1)
+
+
+def image_grid(rows, pad: int = 2) -> np.ndarray:
+  """Rows of images ([n, H, W, 3] each, same H and W) as one [H', W', 3] image, white gaps.
+
+  Args:
+    rows: sequence of image batches; row r is rows[r], left to right.
+    pad: pixels between images.
+  """
+  rows = [np.asarray(r, np.float32) for r in rows]
+  n = max(len(r) for r in rows)
+  h, w, ch = rows[0].shape[1:]
+  grid = np.ones((len(rows) * (h + pad) - pad, n * (w + pad) - pad, ch), np.float32)
+  for i, row in enumerate(rows):
+    for j, image in enumerate(row):
+      grid[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = image
+  return grid
+
+
+def image_grid_figure(rows, row_titles=(), title: str = ''):
+  """``image_grid`` drawn with a label per row (e.g. 'view 1', 'view 2' or 'query')."""
+  grid = image_grid(rows)
+  h = np.asarray(rows[0]).shape[1]
+  fig, ax = plt.subplots(figsize=(min(16, 1.0 + grid.shape[1] / 28), 0.6 + grid.shape[0] / 28))
+  ax.imshow(grid, interpolation='nearest')
+  ax.set_yticks([(h + 2) * i + h / 2 for i in range(len(row_titles))], row_titles)
+  ax.set_xticks([]), ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def batchnorm_figure(names, means, variances, title: str = 'BatchNorm running statistics'):
+  """Per layer, the spread over channels of the running mean and variance (box plots)."""
+  fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.35 * len(names) + 3), 4.2), sharey=False)
+  for ax, values, label in ((axes[0], means, 'running mean'), (axes[1], variances, 'running var')):
+    ax.boxplot([np.asarray(v) for v in values], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=90, fontsize=6)
+    ax.set_title(label, fontsize=10)
+  axes[1].set_yscale('log')
+  fig.suptitle(title)
+  fig.tight_layout()
+  return fig
 
 
 def project_2d(features, method: str = 'pca', seed: int = 0) -> np.ndarray:
@@ -61,13 +138,12 @@ def project_2d(features, method: str = 'pca', seed: int = 0) -> np.ndarray:
   raise ValueError(f"method={method!r} is not 'pca' or 'tsne'.")
 
 
-def embeddings_png(panels, path: str, class_names=None, title: str = '') -> None:
+def embeddings_figure(panels, class_names=None, title: str = ''):
   """Scatter plots of 2-D embeddings coloured by class, side by side.
 
   Args:
     panels: sequence of (points [n, 2], labels [n], panel title); one panel
       per run, e.g. gamma = 0 next to the best gamma (seed 001, Figs. 4.1-4.20).
-    path: the PNG to write.
     class_names: legend labels, indexed by class; default the class ids.
     title: figure title.
   """
@@ -84,5 +160,9 @@ def embeddings_png(panels, path: str, class_names=None, title: str = '') -> None
                      frameon=False)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  return fig
+
+
+def embeddings_png(panels, path: str, class_names=None, title: str = '') -> None:
+  """``embeddings_figure`` written to ``path``."""
+  save(embeddings_figure(panels, class_names, title), path)

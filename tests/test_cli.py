@@ -5,9 +5,11 @@ given by path or by name: an installed barlow_jax must not need the checkout
 as its current directory.
 """
 
+import glob
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zipfile
@@ -15,6 +17,12 @@ import zipfile
 import pytest
 
 from conftest import DATA_DIR, REPO, assert_png_not_blank, needs_cifar10
+
+# What the libraries log at INFO on every run, kept off the console by default (console.py).
+LIBRARY_NOISE = ('orbax', 'INFO:absl', 'Unable to initialize backend', 'xla_bridge.py',
+                 'logging_writer.py', 'dataset_info.py', 'checkpoint_manager.py')
+# An absl-formatted Python log line: severity, date, time, thread, then file:line].
+LOG_LINE = re.compile(r'^([IWEF])\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\] ', re.M)
 
 
 def _env() -> dict:
@@ -56,6 +64,56 @@ def test_quick_start_config_runs_and_checkpoints(quick_start_run):
   assert 'img/s' in result.stderr and 'Compiled the train step' in result.stderr
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert_png_not_blank(workdir / 'cross_correlation.png')
+
+
+@needs_cifar10
+def test_quick_start_console_shows_this_projects_lines_only(quick_start_run):
+  """Start-up, progress, monitor, save and end lines; no library INFO walls (console.py)."""
+  _, result = quick_start_run
+  console = result.stdout + result.stderr
+  for noise in LIBRARY_NOISE:
+    assert noise not in console, f'{noise!r} on the console:\n{console[-3000:]}'
+  ours = {p.name for p in (REPO / 'barlow_jax').rglob('*.py')}
+  info_files = {f for level, f in LOG_LINE.findall(console) if level == 'I'}
+  assert info_files and info_files <= ours, info_files - ours
+  assert re.search(r'step 3/3  bt_loss \S+  on_diag \S+  off_diag \S+  .*learning_rate \S+  '
+                   r'[\d.]+ img/s  ETA 00:00:\d\d', console), console[-3000:]
+  for line in ('JAX process 0/1', '1024 examples, 16 steps/epoch, 3 steps',
+               'Saving checkpoint step 3 in', 'Done: pretrain into'):
+    assert line in console, line
+
+
+def test_verbosity_flag_brings_the_library_lines_back(tmp_path):
+  """absl's own --verbosity: JAX's backend probe is logged again (before the config's exit 2)."""
+  quiet, verbose = _run(tmp_path, '--config.lambd=-0.5'), _run(tmp_path, '--config.lambd=-0.5',
+                                                                 '--verbosity=1')
+  assert quiet.returncode == verbose.returncode == 2
+  assert 'xla_bridge.py' not in quiet.stderr and 'JAX process 0/1' in quiet.stderr
+  assert "xla_bridge.py" in verbose.stderr and "Initializing backend 'cpu'" in verbose.stderr
+
+
+def _images(workdir) -> dict:
+  """{(tag, step): (height, width, channels)} of the images in the TensorBoard event files."""
+  import tensorflow as tf  # Only for reading event files.
+  out = {}
+  for path in glob.glob(str(workdir / 'events.out.tfevents*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.metadata.plugin_data.plugin_name == 'images':
+          encoded = tf.make_ndarray(value.tensor)  # [width, height, png, png, ...]
+          out[value.tag, event.step] = tuple(tf.io.decode_png(encoded[2]).shape)
+  return out
+
+
+@needs_cifar10
+def test_quick_start_writes_the_two_views_and_c_to_tensorboard(quick_start_run):
+  workdir, _ = quick_start_run
+  images = _images(workdir)
+  # 8 images of 32 px side by side, 2 px apart; both views one above the other.
+  assert images[('augment/two_views', 1)] == (2 * 32 + 2, 8 * 34 - 2, 3)
+  # C of the 1024-d projector at the checkpoint (the last step): its first 128 dims, 2 px each.
+  assert images[('pretrain/cross_correlation', 3)] == (256, 256, 3)
+  assert len(images) == 2, images
 
 
 @needs_cifar10

@@ -22,7 +22,8 @@ from barlow_jax.errors import Preempted
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import distributed
 
-# Called after a step with (updates done, state); returns scalars to log, or None.
+# Called after a step with (updates done, state); returns summaries to write, or
+# None: scalars, and images as [N, H, W, C] arrays of floats in [0, 1].
 Hook = Callable[[int, Any], Optional[dict]]
 
 
@@ -98,6 +99,7 @@ def _save(mngr: ocp.CheckpointManager, state, step: int, last: int, save_now: bo
   if not save_now:
     return last
   _saving(mngr, last, lambda: mngr.save(step, args=ocp.args.StandardSave(state)))
+  logging.info('Saving checkpoint step %d in %s.', step, mngr.directory)
   return step
 
 
@@ -111,11 +113,15 @@ def _run_hooks(hooks: Sequence[Hook], step: int, state, writer, progress: Progre
   if not hooks:
     return
   t0 = time.time()
-  scalars = {}
+  summaries = {}
   for hook in hooks:
-    scalars.update(hook(step, state) or {})
+    summaries.update(hook(step, state) or {})
+  images = {k: v for k, v in summaries.items() if np.ndim(v) == 4}
+  scalars = {k: v for k, v in summaries.items() if k not in images}
   if scalars:
     writer.write_scalars(step, scalars)
+  if images:
+    writer.write_images(step, images)
   progress.last_time += time.time() - t0  # Throughput counts training only.
 
 
@@ -169,9 +175,9 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     writer: a clu metric writer.
     progress: the console reporter.
     start_step: the step ``state`` is at.
-    hooks: ``hook(step, state) -> dict of scalars or None``, called on every
+    hooks: ``hook(step, state) -> summaries (Hook) or None``, called on every
       process after each step with the updates done and the state as saved;
-      their scalars go to ``writer``, their time is not in the images/s.
+      their summaries go to ``writer``, their time is not in the images/s.
     frozen: further arguments of every step that never change (a frozen
       encoder's variables); not saved.
 

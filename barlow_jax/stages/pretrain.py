@@ -11,6 +11,7 @@ while they are learned. The step, the loop, checkpoints and resume are the
 trainer's (trainer.py).
 """
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -29,6 +30,7 @@ from barlow_jax.data import pipeline
 from barlow_jax.evaluators import knn_monitor
 from barlow_jax.models import factory
 from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import distributed
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.runtime.mesh import DATA_AXIS
@@ -56,10 +58,11 @@ def make_loss_fn(model: factory.BarlowTwinsModel, lambd: float) -> trainer.LossF
 def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
   """Pretrains with Barlow Twins into ``workdir``, resuming from its latest checkpoint.
 
-  Writes checkpoints, config.json, TensorBoard scalars and
-  cross_correlation.png (C of two views of test images at the end). A run
-  resumed with another config than it recorded is refused unless
-  ``allow_config_change`` (trainer.fit).
+  Writes checkpoints, config.json, TensorBoard scalars and images (both
+  augmented views at step 1, C at every checkpoint) and cross_correlation.png
+  (C of two views of test images at the end). A run resumed with another
+  config than it recorded is refused unless ``allow_config_change``
+  (trainer.fit).
 
   Returns:
     The final TrainState (replicated over the mesh).
@@ -70,46 +73,111 @@ def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
   data = pipeline.load_train_data(config)
   length = trainer.Length.of(config, data.num_global)
   model = factory.create_model(config, axis_name=DATA_AXIS)
-  hook = knn_monitor.make_hook(config, length.steps_per_epoch, length.total_steps, mesh)
+  hooks = [knn_monitor.make_hook(config, length.steps_per_epoch, length.total_steps, mesh)]
+  # Built on first use: after trainer.fit has checked the workdir (bad input
+  # exits before anything is compiled), then once.
+  two_views = functools.cache(lambda: make_two_view_fn(config))
+  hooks.append(make_image_hook(two_views, config.checkpoint.every_steps, length.total_steps))
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.lambd), data, mesh,
-                      num_views=2, console_keys=CONSOLE_KEYS, hooks=[hook] if hook else [],
+                      num_views=2, console_keys=CONSOLE_KEYS, hooks=[h for h in hooks if h],
                       allow_config_change=allow_config_change)
   if jax.process_index() == 0:
-    write_cross_correlation_png(config, state, os.path.join(workdir, 'cross_correlation.png'))
+    final = two_views()({'params': state.params, 'batch_stats': state.batch_stats},
+                        int(state.step.addressable_data(0)))
+    write_cross_correlation_png(final, os.path.join(workdir, 'cross_correlation.png'))
   return state
 
 
-def write_cross_correlation_png(config, state: TrainState, path: str, num_images: int = 256,
-                                max_dim: int = 128) -> None:
-  """Pictures C for two augmented views of test images with the current weights.
+class TwoViews(NamedTuple):
+  """Two augmented views of the same test images and the C of their embeddings."""
+  c: np.ndarray  # [D, D] cross-correlation of the embeddings (losses.cross_correlation).
+  view1: np.ndarray  # [N, H, W, 3] in [0, 1]: the network's inputs, before standardising.
+  view2: np.ndarray
+  step: int  # Of the weights.
 
-  BatchNorm runs in inference mode and the matrix is computed on this
-  process's first device; only its top-left ``max_dim`` block is drawn (a
-  8192 x 8192 image would be unreadable).
+
+def make_two_view_fn(config, num_images: int = 256):
+  """``fn(variables, step) -> TwoViews`` on the first ``num_images`` test images.
+
+  ``variables`` is {'params', 'batch_stats'} (of a TrainState or
+  load_pretrained), replicated over a mesh; ``step`` only labels the result.
+
+  The images and the augmentation keys are fixed, so the views are the same
+  at every call and C changes only with the weights. BatchNorm runs in
+  inference mode, on this process's first device (compiled once, here).
   """
   spec = datasets.dataset_spec(config.dataset)
   builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
-  images = next(pipeline.eval_batches(builder, spec, spec.test_split, num_images))['image']
-  local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
-  variables = {'params': jax.tree.map(local, state.params),
-               'batch_stats': jax.tree.map(local, state.batch_stats)}
+  batch = next(pipeline.eval_batches(builder, spec, spec.test_split, num_images))
+  images = batch['image'][batch['mask']]
   model = factory.create_model(config)
   aug = config.augment
   views = [augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)]
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
+  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
 
   @jax.jit  # Both views and C in one program: one compile.
   def correlate(variables, images):
-    def embed(key, view):
-      x = augment.model_inputs(images, key, view, aug.crop_size, spec.mean, spec.std,
-                               jnp.dtype(config.model.dtype))
-      return model.apply(variables, x, train=False)['embeddings']
-    return losses.cross_correlation(embed(keys[0], views[0]), embed(keys[1], views[1]))
+    inputs = [augment.model_inputs(images, key, view, aug.crop_size, mean, std,
+                                   jnp.dtype(config.model.dtype)) for key, view in zip(keys, views)]
+    z1, z2 = (model.apply(variables, x, train=False)['embeddings'] for x in inputs)
+    shown = [jnp.clip(x.astype(jnp.float32) * std + mean, 0.0, 1.0) for x in inputs]
+    return losses.cross_correlation(z1, z2), shown[0], shown[1]
 
-  c = np.asarray(correlate(variables, images))
+  # Compiled here, once: callers may wait for it (make_image_hook).
+  size = aug.crop_size
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((2, size, size, 3)), train=False))
+  abstract = {k: abstract[k] for k in ('params', 'batch_stats')}
+  compiled = correlate.lower(abstract, images).compile()
+
+  def two_views(variables: dict, step: int) -> TwoViews:
+    local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
+    variables = {k: jax.tree.map(local, variables[k]) for k in ('params', 'batch_stats')}
+    c, view1, view2 = jax.device_get(compiled(variables, images))
+    return TwoViews(np.asarray(c), np.asarray(view1), np.asarray(view2), step)
+
+  return two_views
+
+
+def make_image_hook(get_two_views, save_every: int, total_steps: int, num_shown: int = 8,
+                    max_dim: int = 128):
+  """A loop hook: both views of ``num_shown`` images after step 1, C at every checkpoint.
+
+  Only process 0 builds the function (``get_two_views()``, e.g. of
+  make_two_view_fn: it loads images and compiles) and writes the images. The
+  other processes wait for it at the first firing, so that no collective of
+  theirs times out meanwhile (distributed.wait_for_all_processes).
+  """
+  built = []
+
+  def hook(step: int, state):
+    first, saved = step == 1, step % save_every == 0 or step == total_steps
+    if not (first or saved):
+      return None
+    if not built:  # The same step on every process.
+      built.append(get_two_views() if jax.process_index() == 0 else None)
+      distributed.wait_for_all_processes('two_views_compiled')
+    if built[0] is None:
+      return None
+    sample = built[0]({'params': state.params, 'batch_stats': state.batch_stats}, step)
+    out = {}
+    if first:
+      grid = plots.image_grid([sample.view1[:num_shown], sample.view2[:num_shown]])
+      out['augment/two_views'] = grid[None]
+    if saved:
+      out['pretrain/cross_correlation'] = plots.heatmap_rgb(sample.c[:max_dim, :max_dim])[None]
+    return out
+
+  return hook
+
+
+def write_cross_correlation_png(sample: TwoViews, path: str, max_dim: int = 128) -> None:
+  """Pictures C of a TwoViews sample: its top-left ``max_dim`` block (8192 x 8192 is unreadable)."""
+  c = sample.c
+  first = f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''
   plots.cross_correlation_png(c[:max_dim, :max_dim], path,
-                              f'C of {len(images)} test images, step {int(local(state.step))}'
-                              + (f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''))
+                              f'C of {len(sample.view1)} test images, step {sample.step}{first}')
 
 
 class Pretrained(NamedTuple):

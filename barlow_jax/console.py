@@ -1,0 +1,54 @@
+"""What the command line prints: this project's lines, not its libraries' INFO logs.
+
+By default the console shows barlow_jax's own lines (start-up summary,
+progress every ``log_every`` steps, the kNN monitor, saves, the end) and every
+library's warnings and errors. Orbax, TFDS and clu log their INFO lines through
+absl's one Python logger ('absl'), as barlow_jax does, so a logger level cannot
+tell them apart: a filter on that logger keeps INFO records whose source file
+is in this package. Named Python loggers (JAX's backend probe, TensorFlow)
+are set to WARNING, or ERROR for the backend probe ("Unable to initialize
+backend 'tpu'" on every machine without one), and TensorFlow's C++ log level
+(TF_CPP_MIN_LOG_LEVEL, read when TensorFlow loads) to warnings. Passing absl's
+own ``--verbosity`` (e.g. ``--verbosity=1``) leaves every level as absl sets
+it: all of it comes back.
+"""
+
+import logging
+import os
+from typing import Sequence
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Python loggers that are not absl's, and the least severe level they may show.
+LIBRARY_LEVELS = {'jax._src.xla_bridge': logging.ERROR}  # Backend probes on every start.
+
+
+def verbosity_requested(argv: Sequence[str]) -> bool:
+  """Whether the command line sets absl's verbosity (``--verbosity``, ``-v``, ``--v``)."""
+  return any(a.split('=')[0] in ('--verbosity', '-v', '--v') for a in argv[1:])
+
+
+def quiet_native_logs(argv: Sequence[str]) -> None:
+  """TensorFlow's C++ INFO lines off, unless asked for; call before TensorFlow loads.
+
+  A TF_CPP_MIN_LOG_LEVEL already in the environment is kept.
+  """
+  if not verbosity_requested(argv):
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def _from_this_package(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def quiet_libraries() -> None:
+  """Only this package's INFO lines on the console (and in absl's log file).
+
+  Call after absl has parsed the flags (absl.app.run sets the levels then).
+  """
+  absl_logger = logging.getLogger('absl')
+  absl_logger.setLevel(logging.INFO)  # What absl's default verbosity gives us.
+  if _from_this_package not in absl_logger.filters:
+    absl_logger.addFilter(_from_this_package)
+  logging.root.setLevel(logging.WARNING)  # Every named library logger.
+  for name, level in LIBRARY_LEVELS.items():
+    logging.getLogger(name).setLevel(level)

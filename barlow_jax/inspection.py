@@ -1,0 +1,93 @@
+"""Looking inside a run: parameter and BatchNorm tables, test images, nearest neighbours.
+
+What notebooks/inspect_run.ipynb shows, as functions with tests, so that its
+cells stay one call each.
+"""
+
+import re
+from typing import Optional, Sequence
+
+from flax import traverse_util
+import numpy as np
+
+from barlow_jax.data import datasets
+from barlow_jax.data import pipeline
+
+
+def _natural(name: str) -> list:
+  """Sort key putting 'Block_2' before 'Block_10'."""
+  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
+
+
+def _flat(tree: dict) -> dict:
+  """{'a/b/c': leaf} of a nested dict, in natural order of the names."""
+  flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+  return {name: flat[name] for name in sorted(flat, key=_natural)}
+
+
+def param_table(params: dict) -> list[tuple[str, tuple, int]]:
+  """(name, shape, count) of every parameter array; the counts sum to the model's size."""
+  return [(name, tuple(np.shape(x)), int(np.prod(np.shape(x), dtype=np.int64)))
+          for name, x in _flat(params).items()]
+
+
+def batchnorm_stats(batch_stats: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """(layer, running mean [C], running variance [C]) of every BatchNorm, in name order."""
+  flat = _flat(batch_stats)
+  layers = sorted({name.rsplit('/', 1)[0] for name in flat}, key=_natural)
+  return [(layer, np.asarray(flat[f'{layer}/mean']), np.asarray(flat[f'{layer}/var']))
+          for layer in layers]
+
+
+def batchnorm_table(stats) -> list[tuple]:
+  """(layer, channels, mean |running mean|, mean, min and max running variance) per layer."""
+  return [(layer, len(mean), float(np.abs(mean).mean()), float(var.mean()), float(var.min()),
+           float(var.max())) for layer, mean, var in stats]
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A Markdown table; floats with 4 significant digits, shapes as 3x3x3x8."""
+
+  def cell(x):
+    if isinstance(x, float):
+      return f'{x:.4g}'
+    if isinstance(x, tuple):
+      return 'x'.join(map(str, x)) or 'scalar'
+    return str(x)
+
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(cell(x) for x in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def first_images(config, num: int, split: Optional[str] = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """uint8 images, labels and class names of the first ``num`` examples of ``split``.
+
+  ``split`` defaults to the dataset's test split; one process reads them all.
+  """
+  spec = datasets.dataset_spec(config.dataset)
+  split = split or spec.test_split
+  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
+  batch = next(pipeline.eval_batches(builder, spec, split, num))
+  keep = batch['mask']
+  return batch['image'][keep], batch['label'][keep], builder.info.features['label'].names
+
+
+def nearest_neighbours(features, queries: Sequence[int], k: int) -> np.ndarray:
+  """The ``k`` most cosine-similar rows of ``features`` to each query row, itself excluded.
+
+  Args:
+    features: [n, d] features of a bank of examples.
+    queries: indices of rows of ``features``.
+    k: neighbours per query, k < n.
+
+  Returns:
+    [len(queries), k] indices into ``features``, most similar first.
+  """
+  x = np.asarray(features, np.float64)
+  x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  queries = np.asarray(queries)
+  similarity = x[queries] @ x.T
+  similarity[np.arange(len(queries)), queries] = -np.inf  # Not its own neighbour.
+  return np.argsort(-similarity, axis=1, kind='stable')[:, :k]
