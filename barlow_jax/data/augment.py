@@ -23,8 +23,9 @@ RandomGrayscale(0.2), GaussianBlur, Solarization), built from dm-pix and
 
 Remaining differences: the official repo works on PIL images, which are
 requantised to uint8 after every jitter step (here everything stays float), and
-the crop is resized with antialiased bilinear interpolation (``jax.image``)
-where the official repo uses bicubic.
+the device's crop is resized with antialiased bilinear interpolation
+(``jax.image``) where the official repo uses bicubic (ImageNet's host crops are
+bicubic).
 """
 
 import math
