@@ -93,17 +93,20 @@ def main(_):
   sizes = imagenet_like_sizes(FLAGS.num_images, rng)
   jpegs = [synthetic_jpeg(h, w, rng) for h, w in sizes]
   h, w = np.mean(sizes, axis=0)
-  print(f'{len(jpegs)} JPEGs, mean {h:.0f} high x {w:.0f} wide, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB '
+  kilobytes = np.mean([len(j) for j in jpegs]) / 1e3
+  print(f'{len(jpegs)} JPEGs, mean {h:.0f} high x {w:.0f} wide, mean {kilobytes:.0f} kB '
         f'({8 * sum(map(len, jpegs)) / sum(a * b for a, b in sizes):.2f} bits/px)')
   crops = host_crop.HostCrops(224, (augment.ViewAugment(), augment.ViewAugment()))
   paths = {
       'train (2 crops: decode_and_crop + bicubic 224)':
           lambda i, j: host_crop.train_views(j, host_crop.example_seed(0, 0, i, 0), crops),
-      'eval (decode, Resize 256, CenterCrop 224)': lambda i, j: host_crop.eval_centre_crop(j, 256, 224),
+      'eval (decode, Resize 256, CenterCrop 224)':
+          lambda i, j: host_crop.eval_centre_crop(j, 256, 224),
       'before issue 10 (decode, resize + centre 256)': lambda i, j: _before(j),
   }
   for name, fn in paths.items():
-    print(f'{name:48s} {images_per_cpu_second(jpegs, fn, FLAGS.seconds):8.1f} images per CPU-second')
+    rate = images_per_cpu_second(jpegs, fn, FLAGS.seconds)
+    print(f'{name:48s} {rate:8.1f} images per CPU-second')
 
 
 if __name__ == '__main__':

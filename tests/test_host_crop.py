@@ -148,7 +148,8 @@ def fake_imagenet(tmp_path_factory):
                                          'label': tfds.features.ClassLabel(num_classes=3)})
   examples = [{'image': tf.io.decode_jpeg(j).numpy(), 'label': i % 3} for i, j in enumerate(images)]
   builder = tfds.dataset_builders.store_as_tfds_dataset(
-      name='fake_imagenet', version='1.0.0', features=features, data_dir=tmp_path_factory.mktemp('tfds'),
+      name='fake_imagenet', version='1.0.0', features=features,
+      data_dir=tmp_path_factory.mktemp('tfds'),
       split_datasets={'train': list(enumerate(examples))})
   spec = dataclasses.replace(datasets.DATASETS['imagenet2012'], tfds_name='fake_imagenet',
                              num_classes=3, image_size=24, eval_resize=28)
@@ -182,6 +183,7 @@ def test_host_cropped_stream_is_pure_in_seed_and_step(fake_imagenet):
 def test_eval_batches_are_resized_and_centre_cropped(fake_imagenet):
   batch = next(pipeline.eval_batches(fake_imagenet.builder, fake_imagenet.spec, 'train', 12))
   assert batch['image'].shape == (12, 24, 24, 3)
-  records = fake_imagenet.builder.as_dataset(split='train', decoders={'image': tfds.decode.SkipDecoding()})
-  first = next(iter(records))
-  np.testing.assert_array_equal(batch['image'][0], host_crop.eval_centre_crop(first['image'], 28, 24))
+  records = fake_imagenet.builder.as_dataset(
+      split='train', decoders={'image': tfds.decode.SkipDecoding()})
+  first = next(iter(records))['image']
+  np.testing.assert_array_equal(batch['image'][0], host_crop.eval_centre_crop(first, 28, 24))

@@ -101,7 +101,8 @@ def view_box(seed, shape, view: augment.ViewAugment) -> tf.Tensor:
                         view.crop_scale, view.crop_ratio)
   if view.crop >= 1:
     return box
-  use = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 1)) < view.crop
+  use_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+  use = tf.random.stateless_uniform([], use_seed) < view.crop
   return tf.where(use, box, whole)
 
 

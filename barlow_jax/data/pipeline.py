@@ -3,12 +3,12 @@
 The host reads, decodes and batches uint8 images; the views are made on the
 device (data/augment.py), except for datasets of variable-size JPEGs
 (ImageNet), whose random-resized crops the host cuts from the whole image, one
-per view (data/host_crop.py), leaving the photometric ops to the device. The training stream is a pure function of
-``(seed, step)``: epoch ``e`` is the process's shard shuffled with seed
-``seed + e``, and a run resumed at step ``s`` skips exactly the records that
-steps ``0..s-1`` consumed, so a resumed run sees the same data in the same
-order as an uninterrupted one (host crops included: their randomness is
-stateless, seeded by ``(seed, step, example)``).
+per view (data/host_crop.py), leaving the photometric ops to the device. The
+training stream is a pure function of ``(seed, step)``: epoch ``e`` is the
+process's shard shuffled with seed ``seed + e``, and a run resumed at step
+``s`` skips exactly the records that steps ``0..s-1`` consumed, so a resumed
+run sees the same data in the same order as an uninterrupted one (host crops
+included: their randomness is stateless, seeded by ``(seed, step, example)``).
 """
 
 import dataclasses
