@@ -38,6 +38,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from barlow_jax import optim
 from barlow_jax.data import augment
 from barlow_jax.data import datasets
+from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import distributed
@@ -81,6 +82,11 @@ def view_keys(rng: jax.Array, step: jax.Array, n: int, num_views: int) -> jax.Ar
   return jnp.stack([jax.random.split(k, n) for k in branch])
 
 
+def views_of(config, num_views: int) -> tuple[augment.ViewAugment, ...]:
+  """The augmentation of each view: ``config.augment.view1`` [and ``view2``]."""
+  return tuple(augment.view_from_config(config.augment[f'view{i + 1}']) for i in range(num_views))
+
+
 def make_train_step(config, loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
                     lr_schedule: Callable, num_views: int) -> Callable:
   """Returns jitted ``train_step(state, batch) -> (state, metrics)``; state is donated.
@@ -95,17 +101,20 @@ def make_train_step(config, loss_fn: LossFn, tx: optax.GradientTransformation, m
 
   Returns:
     The step; ``batch`` is {'image': uint8 [N, H, W, 3], 'label': int32 [N]}
-    sharded over the mesh, N the global batch.
+    sharded over the mesh, N the global batch; or 'image' uint8
+    [N, num_views, S, S, 3], each view's crop cut on the host (ImageNet), which
+    the device does not crop again (augment.device_view).
   """
   aug = config.augment
   spec = datasets.dataset_spec(config.dataset)
-  views = [augment.view_from_config(aug[f'view{i + 1}']) for i in range(num_views)]
+  views = views_of(config, num_views)
   dtype = jnp.dtype(config.model.dtype)
 
   def per_device(state: TrainState, images, labels, keys):
-    inputs = [augment.normalize(augment.augment_batch(k, images, view, aug.crop_size),
+    inputs = [augment.normalize(augment.augment_batch(k, *augment.device_view(images, i, view),
+                                                      aug.crop_size),
                                 spec.mean, spec.std).astype(dtype)
-              for k, view in zip(keys, views)]
+              for i, (k, view) in enumerate(zip(keys, views))]
     # Each device's own contribution to the gradient of the global loss,
     # then the one all-reduce of the gradient (see the module docstring).
     local_params = jax.lax.pcast(state.params, DATA_AXIS, to='varying')
@@ -210,8 +219,9 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
                data.num_global, length.steps_per_epoch, length.total_steps, start_step,
                jax.device_count(), jax.process_count())
   train_step = make_train_step(config, loss_fn, tx, mesh, lr_schedule, num_views)
+  crops = host_crop.HostCrops(config.augment.crop_size, views_of(config, num_views))
   stream = pipeline.train_dataset(data, config.batch_size // jax.process_count(), config.seed,
-                                  start_step, cache=config.cache_dataset)
+                                  start_step, cache=config.cache_dataset, crops=crops)
   batches = pipeline.prefetch_to_mesh(stream.as_numpy_iterator(), mesh_lib.batch_sharded(mesh))
   schedule = loop.Schedule(length.total_steps, config.log_every, config.checkpoint.every_steps)
   progress = loop.Progress(length.total_steps, config.batch_size, start_step, console_keys)

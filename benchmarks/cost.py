@@ -69,6 +69,8 @@ from barlow_jax import losses
 from barlow_jax import optim
 from barlow_jax import trainer
 from barlow_jax.data import datasets
+from barlow_jax.data import host_crop
+from barlow_jax.data import pipeline
 from barlow_jax.models import factory
 from barlow_jax.models import heads
 from barlow_jax.runtime import mesh as mesh_lib
@@ -190,8 +192,10 @@ def abstract_step(config, mesh, per_device_batch: int):
       model, tx, mesh, config.seed, config.augment.crop_size))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                        state)
-  n, size = config.batch_size, datasets.dataset_spec(config.dataset).image_size
-  batch = {'image': jax.ShapeDtypeStruct((n, size, size, 3), np.uint8, sharding=sharded),
+  n, shape = config.batch_size, pipeline.train_image_shape(
+      datasets.dataset_spec(config.dataset),
+      host_crop.HostCrops(config.augment.crop_size, trainer.views_of(config, 2)))
+  batch = {'image': jax.ShapeDtypeStruct((n, *shape), np.uint8, sharding=sharded),
            'label': jax.ShapeDtypeStruct((n,), np.int32, sharding=sharded)}
   step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
                                  schedule, num_views=2)

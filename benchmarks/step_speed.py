@@ -19,6 +19,7 @@ import numpy as np
 
 from barlow_jax.data import augment
 from barlow_jax.data import datasets
+from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
 from barlow_jax.models import factory
 from barlow_jax import compiled_cost
@@ -46,7 +47,8 @@ def _time(fn, steps):
 def main(_):
   config = FLAGS.config
   n = config.batch_size
-  size = datasets.dataset_spec(config.dataset).image_size
+  crops = host_crop.HostCrops(config.augment.crop_size, trainer.views_of(config, 2))
+  shape = pipeline.train_image_shape(datasets.dataset_spec(config.dataset), crops)
   mesh = mesh_lib.make_mesh()
   model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, 100, 1000)
@@ -55,7 +57,7 @@ def main(_):
                                   schedule, num_views=2)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   rng = np.random.default_rng(0)
-  batch = {'image': jax.device_put(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8), sharding),
+  batch = {'image': jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8), sharding),
            'label': jax.device_put(rng.integers(0, 10, n).astype(np.int32), sharding)}
   holder = {'state': state}
 
@@ -65,7 +67,8 @@ def main(_):
 
   view = augment.view_from_config(config.augment.view1)
   keys = jax.random.split(jax.random.PRNGKey(0), n)
-  aug = jax.jit(lambda k, x: augment.augment_batch(k, x, view, config.augment.crop_size))
+  aug = jax.jit(lambda k, x: augment.augment_batch(k, *augment.device_view(x, 0, view),
+                                                    config.augment.crop_size))
   x = aug(keys, batch['image'])
   single = factory.create_model(config)
   fwd = jax.jit(lambda v, x: single.apply(v, x, train=False)['embeddings'])
@@ -90,7 +93,7 @@ def main(_):
 
   if FLAGS.input:
     data = pipeline.load_train_data(config)
-    it = pipeline.train_dataset(data, n, 0).as_numpy_iterator()
+    it = pipeline.train_dataset(data, n, 0, crops=crops).as_numpy_iterator()
     seconds = _time(lambda: next(it)['image'], 20)
     print(f"{'input pipeline (host)':38s} {seconds * 1e3:9.1f} ms   {n / seconds:8.1f} img/s")
 

@@ -7,8 +7,10 @@ asymmetric augmentation: blur 1.0 / 0.1, solarize 0.0 / 0.2 on the two views.
 
 Expected: 73.2% top-1 linear evaluation (paper Table 1); the paper's 1000
 epochs took 124 hours on 32 V100s. TFDS needs the ImageNet tars in its manual
-dir (see the TFDS imagenet2012 page); images are resized to 256 on the host
-and random-resized-cropped to 224 on the device.
+dir (see the TFDS imagenet2012 page). As the official code, each view's
+random-resized crop is cut from the whole image (on the host,
+data/host_crop.py; the photometric ops run on the device) and evaluation uses
+Resize(256) + CenterCrop(224).
 
   launch/tpu_pod.sh --tpu=NAME --zone=ZONE -- --config=configs/imagenet_bt.py --workdir=gs://bucket/bt
   python -m barlow_jax.main --config=configs/imagenet_bt.py --workdir=runs/imagenet_bt   # one host

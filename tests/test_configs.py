@@ -9,6 +9,9 @@ from barlow_jax import config_validation
 from barlow_jax.models import factory
 from barlow_jax import config_files
 from barlow_jax import optim
+from barlow_jax.data import datasets
+from barlow_jax.data import host_crop
+from barlow_jax.data import pipeline
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import state as state_lib
 from barlow_jax.stages import pretrain
@@ -26,7 +29,8 @@ def test_pretrain_config_is_valid(name):
 
 
 def test_imagenet_recipe_step_runs_at_small_scale():
-  """ImageNet stem, bfloat16, blur/solarize asymmetry, 3-layer projector; random images."""
+  """ImageNet stem, bfloat16, blur/solarize asymmetry, 3-layer projector; random images in
+  the layout the host gives ImageNet: each view's crop, [N, 2, S, S, 3]."""
   config = config_files.load('imagenet_bt')
   config.model.width = 4
   config.model.projector = '64-64-64'
@@ -43,7 +47,11 @@ def test_imagenet_recipe_step_runs_at_small_scale():
                                   schedule, num_views=2)
   rng = np.random.default_rng(0)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
-  batch = {'image': rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+  shape = pipeline.train_image_shape(
+      datasets.dataset_spec(config.dataset),
+      host_crop.HostCrops(config.augment.crop_size, trainer.views_of(config, 2)))
+  assert shape == (2, 56, 56, 3)
+  batch = {'image': rng.integers(0, 256, (8, *shape), dtype=np.uint8),
            'label': rng.integers(0, 1000, 8).astype(np.int32)}
   state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
   assert np.isfinite(float(metrics['bt_loss'])) and float(metrics['bt_loss']) > 0

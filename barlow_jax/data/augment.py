@@ -3,7 +3,9 @@
 Each function augments ONE uint8 image with its own PRNG key; the train step
 ``vmap``s it over the batch with one key per example, so every example (and
 every view) draws its own crop, flip, jitter, ... independently. The host only
-decodes and batches, which keeps it out of the step.
+decodes and batches, which keeps it out of the step; for ImageNet it also cuts
+each view's random-resized crop from the whole JPEG (data/host_crop.py, the
+same sampling), and the device skips its crop (``device_view``).
 
 The ops follow the official repo's torchvision pipeline (RandomResizedCrop,
 RandomHorizontalFlip, ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8,
@@ -21,8 +23,9 @@ RandomGrayscale(0.2), GaussianBlur, Solarization), built from dm-pix and
 
 Remaining differences: the official repo works on PIL images, which are
 requantised to uint8 after every jitter step (here everything stays float), and
-the crop is resized with antialiased bilinear interpolation (``jax.image``)
-where the official repo uses bicubic.
+the device's crop is resized with antialiased bilinear interpolation
+(``jax.image``) where the official repo uses bicubic (ImageNet's host crops are
+bicubic).
 """
 
 import math
@@ -235,9 +238,9 @@ def augment_view(key: jax.Array, image: jax.Array, aug: ViewAugment, out_size: i
     crop = random_crop_box(keys[0], height, width, aug.crop_scale, aug.crop_ratio)
     use_crop = jax.random.uniform(keys[1], ()) < aug.crop
     box = tuple(jnp.where(use_crop, c, f) for c, f in zip(crop, full))
-  else:
-    box = full
-  x = jnp.clip(_resize_box(x, box, out_size), 0.0, 1.0)
+    x = jnp.clip(_resize_box(x, box, out_size), 0.0, 1.0)
+  elif (height, width) != (out_size, out_size):  # Else resizing would be the identity.
+    x = jnp.clip(_resize_box(x, full, out_size), 0.0, 1.0)
   x = pix.random_flip_left_right(keys[2], x, probability=aug.flip) if aug.flip > 0 else x
   x = _maybe(keys[3], aug.jitter, lambda y: color_jitter(jax.random.fold_in(keys[3], 1), y, aug), x)
   x = _maybe(keys[4], aug.grayscale,
@@ -251,6 +254,25 @@ def augment_view(key: jax.Array, image: jax.Array, aug: ViewAugment, out_size: i
   x = _maybe(keys[5], aug.blur, blur, x)
   x = _maybe(keys[6], aug.solarize, lambda y: pix.solarize(y, aug.solarize_threshold), x)
   return x
+
+
+def device_view(images: jax.Array, index: int, aug: ViewAugment) -> tuple[jax.Array, ViewAugment]:
+  """The images and the augmentation the device applies for view ``index``.
+
+  Args:
+    images: uint8 [N, H, W, C], the same images for every view (the device
+      crops), or [N, V, S, S, C], each view's crop cut on the host
+      (data/host_crop.py, ImageNet).
+    index: the view.
+    aug: the view's augmentation.
+
+  Returns:
+    ([N, H, W, C] images, ``aug``), or the host's crops of view ``index``
+    with ``aug`` without its crop (done already).
+  """
+  if images.ndim == 5:
+    return images[:, index], aug._replace(crop=0.0)
+  return images, aug
 
 
 def augment_batch(keys: jax.Array, images: jax.Array, aug: ViewAugment, out_size: int) -> jax.Array:
@@ -268,7 +290,8 @@ def model_inputs(images: jax.Array, key: jax.Array, view, out_size: int, mean, s
   """A uint8 batch as the network's standardised input, for evaluation.
 
   Args:
-    images: [N, H, W, C] uint8, the global batch.
+    images: [N, H, W, C] uint8, the global batch (or [N, 1, S, S, C], crops
+      cut on the host: see device_view).
     key: with ``view``, example i is augmented with ``split(key, N)[i]`` (so a
       view does not depend on the device count); unused without.
     view: a ViewAugment, or None for no augmentation: the images are only
@@ -287,6 +310,7 @@ def model_inputs(images: jax.Array, key: jax.Array, view, out_size: int, mean, s
     off = (x.shape[1] - out_size) // 2
     x = x[:, off:off + out_size, off:off + out_size]
   else:
+    images, view = device_view(images, 0, view)
     x = augment_batch(jax.random.split(key, images.shape[0]), images, view, out_size)
   return normalize(x, mean, std).astype(dtype)
 

@@ -24,17 +24,22 @@ class DatasetSpec:
   mean: tuple[float, float, float]  # Per-channel, in [0, 1] units.
   std: tuple[float, float, float]
   test_split: str = 'test'
-  fixed_size: bool = True  # False: variable-size images, resized on the host.
+  # False: variable-size JPEGs. Training crops are cut on the host from the
+  # whole image (data/host_crop.py); evaluation images are resized (shorter
+  # side) to eval_resize and centre-cropped to image_size.
+  fixed_size: bool = True
+  eval_resize: int = 0
 
 
 DATASETS = {
     'cifar10': DatasetSpec('cifar10', 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'cifar100': DatasetSpec('cifar100', 100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     'stl10': DatasetSpec('stl10', 10, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    # ImageNet images are resized (shorter side) and centre-cropped to 256 on
-    # the host; the random-resized crop to 224 happens on the device.
-    'imagenet2012': DatasetSpec('imagenet2012', 1000, 256, (0.485, 0.456, 0.406),
-                                (0.229, 0.224, 0.225), test_split='validation', fixed_size=False),
+    # As the official code: training crops from the whole image (on the host),
+    # evaluation on Resize(256) + CenterCrop(224).
+    'imagenet2012': DatasetSpec('imagenet2012', 1000, 224, (0.485, 0.456, 0.406),
+                                (0.229, 0.224, 0.225), test_split='validation', fixed_size=False,
+                                eval_resize=256),
 }
 
 

@@ -1,11 +1,14 @@
 """TFDS input: per-process split, balanced label fractions, resumable batches, padded eval batches.
 
-The host only reads, decodes and batches uint8 images; both views are made on
-the device (data/augment.py). The training stream is a pure function of
-``(seed, step)``: epoch ``e`` is the process's shard shuffled with seed
-``seed + e``, and a run resumed at step ``s`` skips exactly the records that
-steps ``0..s-1`` consumed, so a resumed run sees the same data in the same
-order as an uninterrupted one.
+The host reads, decodes and batches uint8 images; the views are made on the
+device (data/augment.py), except for datasets of variable-size JPEGs
+(ImageNet), whose random-resized crops the host cuts from the whole image, one
+per view (data/host_crop.py), leaving the photometric ops to the device. The
+training stream is a pure function of ``(seed, step)``: epoch ``e`` is the
+process's shard shuffled with seed ``seed + e``, and a run resumed at step
+``s`` skips exactly the records that steps ``0..s-1`` consumed, so a resumed
+run sees the same data in the same order as an uninterrupted one (host crops
+included: their randomness is stateless, seeded by ``(seed, step, example)``).
 """
 
 import dataclasses
@@ -18,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from barlow_jax.data import datasets
+from barlow_jax.data import host_crop
 from barlow_jax.errors import ConfigError
 
 # The train stream is Dataset.range(first_epoch, _MAX_EPOCHS); effectively endless.
@@ -105,19 +109,39 @@ def check_batch_fits(data: TrainData, config) -> None:
 
 
 def _decode_fn(data: TrainData):
+  """Record -> {'image': uint8 [S, S, 3], 'label'}: as stored, or (variable-size JPEGs)
+  the official evaluation's resize and centre crop."""
   image_feature = data.builder.info.features['image']
-  size = data.spec.image_size
+  spec = data.spec
 
   def decode(ex):
-    image = image_feature.decode_example(ex['image'])
-    if not data.spec.fixed_size:
-      image = tf.image.resize(image, [size, size], preserve_aspect_ratio=True,
-                              method='bicubic', antialias=True)
-      image = tf.image.resize_with_crop_or_pad(image, size, size)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    if spec.fixed_size:
+      image = image_feature.decode_example(ex['image'])
+    else:
+      image = host_crop.eval_centre_crop(ex['image'], spec.eval_resize, spec.image_size)
     return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
 
   return decode
+
+
+def _host_crop_fn(crops: host_crop.HostCrops, local_batch: int, seed: int):
+  """(record number in the stream, record) -> {'image': uint8 [V, S, S, 3], 'label'}:
+  one crop per view, seeded by (seed, process, step, example in the batch)."""
+  process = jax.process_index()
+
+  def crop(number, ex):
+    key = host_crop.example_seed(seed, process, number // local_batch, number % local_batch)
+    return {'image': host_crop.train_views(ex['image'], key, crops),
+            'label': tf.cast(ex['label'], tf.int32)}
+
+  return crop
+
+
+def train_image_shape(spec: datasets.DatasetSpec, crops: host_crop.HostCrops) -> tuple[int, ...]:
+  """Shape of one example's 'image' in train_dataset: [H, W, 3], or [V, S, S, 3] cut on the host."""
+  if spec.fixed_size:
+    return (spec.image_size, spec.image_size, 3)
+  return (len(crops.views), crops.size, crops.size, 3)
 
 
 def _records(data: TrainData) -> tf.data.Dataset:
@@ -135,12 +159,18 @@ def _records(data: TrainData) -> tf.data.Dataset:
 
 
 def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int = 0,
-                  shuffle_buffer: int = 50_000, cache: bool = True) -> tf.data.Dataset:
-  """Endless batches of {'image': uint8 [b, H, W, 3], 'label': int32 [b]} from ``start_step``.
+                  shuffle_buffer: int = 50_000, cache: bool = True,
+                  crops: Optional[host_crop.HostCrops] = None) -> tf.data.Dataset:
+  """Endless batches of {'image': uint8, 'label': int32 [b]} from ``start_step``.
 
   Batch ``s`` holds records ``[s*b, (s+1)*b)`` of the concatenation of
   per-epoch shuffles, so it depends only on (seed, s): resuming is exact.
+  'image' is [b, H, W, 3] as stored (the device crops), or, for variable-size
+  JPEGs, [b, V, S, S, 3]: ``crops`` (required then) gives the V views' crop
+  parameters and the side S (train_image_shape).
   """
+  if not data.spec.fixed_size and crops is None:
+    raise ValueError(f'{data.spec.tfds_name} is cropped on the host: train_dataset needs crops.')
   if data.num_local < local_batch:
     raise ConfigError(f'This process has {data.num_local} training examples, fewer than its '
                      f'batch of {local_batch} (config.batch_size / process count).')
@@ -155,7 +185,12 @@ def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int 
     return records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False).skip(skip)
 
   ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
-  ds = ds.map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if data.spec.fixed_size:
+    ds = ds.map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  else:
+    ds = ds.enumerate(start_step * local_batch).map(
+        _host_crop_fn(crops, local_batch, seed), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True)
   return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 
