@@ -3,19 +3,22 @@ r"""Images/s of barlow_jax's train step beside the official PyTorch formulation 
   python -m benchmarks.compare_torch                       # the quick start (width 8, projector 1024^3)
   python -m benchmarks.compare_torch --config.model.width=64 \
       --config.model.projector=2048-2048-2048              # the README's ResNet-18 reference
+  python -m benchmarks.compare_torch --sides=jax,jax_xla_conv,torch,torch_1thread   # leads
 
-Each side runs in its own process (benchmarks/jax_step.py: trainer.make_train_step
-on a 1-device CPU mesh; benchmarks/torch_step.py: the official
-module and loss, torch CPU, channels_last, 2 threads), built from
-the same config: ResNet-18 with the CIFAR stem at config.model.width,
-config.model.projector, config.batch_size, lambda, and momentum SGD with
-config.optimizer's momentum and weight decay on both sides. The sides take
-turns, ``--rounds`` rounds of ``--steps`` steps, the order alternating, so
-both see the same load on a shared machine. Prints one JSON line: img/s of
-each side per round and their median, the median and range of the per-round
-ratio jax / torch, and each process's peak RSS. Needs torch (``pip install
-'.[torch]'``); the jax side also includes on-device augmentation of both
-views and the online probe, which the official step does not.
+Each side (``--sides``, from SIDES) runs in its own process, built from the
+same config: benchmarks/jax_step.py is trainer.make_train_step on a 1-device
+CPU mesh (variants: XLA's own conv gradient, two devices);
+benchmarks/torch_step.py is the official module and loss, torch CPU,
+channels_last, 2 threads (or 1). Both: ResNet-18 with the CIFAR stem at
+config.model.width, config.model.projector, config.batch_size, lambda, and
+momentum SGD with config.optimizer's momentum and weight decay. The sides take
+turns, ``--rounds`` rounds of ``--steps`` steps, the order rotating, so all see
+the same load on a shared machine. Prints one JSON line: img/s of each side
+per round and their median, the median and range over rounds of each
+jax/torch ratio, each process's peak RSS, and the load average. Needs torch
+(``pip install '.[torch]'``); barlow_jax itself never imports it. The jax side
+also augments both views on the device and trains the online probe, which
+the official step (views made by DataLoader workers) does not.
 """
 
 import json
@@ -42,6 +45,7 @@ SIDES = {
     'jax': ('benchmarks.jax_step', [], {}),
     # XLA's own kernel gradient instead of models/conv.py's chunks.
     'jax_xla_conv': ('benchmarks.jax_step', ['--kernel_grad_chunk=0'], {}),
+    'jax_1thread': ('benchmarks.jax_step', [], {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'}),
     'jax_2dev': ('benchmarks.jax_step', ['--devices=2'], {}),
     # Two devices, each running its ops on one thread.
     'jax_2dev_1thread': ('benchmarks.jax_step', ['--devices=2'],
@@ -51,10 +55,10 @@ SIDES = {
 }
 
 
-def _worker_args(name: str, argv, config) -> list[str]:
+def _worker_args(name: str, config) -> list[str]:
   """The flags of one side: the jax step reads the config itself, the torch step its numbers."""
   if SIDES[name][0] == 'benchmarks.jax_step':
-    return [a for a in argv[1:] if a.startswith('--config')] + ['--config.optimizer.name=sgd']
+    return [a for a in sys.argv[1:] if a.startswith('--config')] + ['--config.optimizer.name=sgd']
   return [f'--width={config.model.width}', f'--projector={config.model.projector}',
           f'--batch={config.batch_size}', f'--lambd={config.lambd}',
           f'--lr={config.optimizer.lr}', f'--momentum={config.optimizer.momentum}',
@@ -106,10 +110,10 @@ def _ratios(speeds: dict) -> dict:
   return out
 
 
-def main(argv):
+def main(_):
   config = FLAGS.config
   load_before = os.getloadavg()[0]
-  workers = {name: Worker(name, _worker_args(name, argv, config)) for name in FLAGS.sides}
+  workers = {name: Worker(name, _worker_args(name, config)) for name in FLAGS.sides}
   warmup = {name: w.read()['warmup_seconds'] for name, w in workers.items()}
   speeds = _rounds(workers, config.batch_size)
   rss = {name: w.request('quit')['peak_rss_mib'] for name, w in workers.items()}
