@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from barlow_jax.models import conv as conv_lib
+
 ModuleDef = Any
 
 # PyTorch's BatchNorm momentum 0.1 is Flax's 0.9 (Flax keeps 0.9 of the old value).
@@ -91,6 +93,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             conv_general_dilated=conv_lib.conv_general_dilated,
                              kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
     norm = batch_norm(train, self.axis_name, self.dtype)
     if self.stem == 'cifar':
@@ -122,7 +125,8 @@ class VGG16(nn.Module):
       if m == 'M':
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        x = nn.Conv(self.width * m, (3, 3), use_bias=False, dtype=self.dtype)(x)
+        x = nn.Conv(self.width * m, (3, 3), use_bias=False, dtype=self.dtype,
+                    conv_general_dilated=conv_lib.conv_general_dilated)(x)
         x = nn.relu(norm()(x))
     return jnp.mean(x, axis=(1, 2))
 
