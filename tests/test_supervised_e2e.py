@@ -99,7 +99,7 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
   config = cifar_finetune.get_config()
   config.pretrained_workdir, config.data_dir, config.download = str(tmp_path / 'bt'), DATA_DIR, False
   config.train_split, config.label_fraction, config.eval.batch_size = 'train[:1000]', 0.1, 64
-  config.probe.epochs = 5
+  config.probe.epochs, config.head_init = 5, 'linear_probe'
   mesh = mesh_lib.make_mesh()
   encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh)
   init = finetune.initial_variables(config, encoder, mesh)
