@@ -10,6 +10,7 @@ The 2-process run is stopped by a SIGTERM to one process only, as when one
 host of a pod is preempted: JAX's preemption sync makes both save the same step.
 """
 
+import hashlib
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import signal
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow_datasets as tfds
+import pytest
 
 from barlow_jax import errors
 from barlow_jax.data import pipeline
@@ -41,17 +42,13 @@ def _reference_run(config, save_at: int, workdir):
   Returns:
     ({step: state as numpy}, {step: bt_loss}).
   """
-  data = pipeline.load_train_data(config)
-  steps_per_epoch = data.num_global // config.batch_size
+  halves = [_process_train_data(config, i, 2) for i in range(2)]
+  steps_per_epoch = halves[0].num_global // config.batch_size
   total = optim.num_train_steps(config, steps_per_epoch)
   local_batch = config.batch_size // 2
-  streams = []
-  for i in range(2):
-    split = tfds.split_for_jax_process(config.train_split, process_index=i, process_count=2)
-    half = pipeline.TrainData(data.builder, split, None,
-                                    data.builder.info.splits[split].num_examples,
-                                    data.num_global, data.spec)
-    streams.append(pipeline.train_dataset(half, local_batch, config.seed).as_numpy_iterator())
+  streams = [pipeline.train_dataset(half, local_batch, config.seed).as_numpy_iterator()
+             for half in halves]
+  read = [[], []]  # Hashes of the images each process's pipeline yielded.
 
   mesh = mesh_lib.make_mesh()
   model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
@@ -63,6 +60,8 @@ def _reference_run(config, save_at: int, workdir):
   states, losses = {}, {}
   for step in range(total):
     parts = [next(s) for s in streams]
+    for i, part in enumerate(parts):
+      read[i].extend(_image_hashes(part['image']))
     batch = {k: jax.device_put(np.concatenate([p[k] for p in parts]), sharding) for k in parts[0]}
     state, metrics = train_step(state, batch)
     losses[step + 1] = float(metrics['bt_loss'])
@@ -73,7 +72,34 @@ def _reference_run(config, save_at: int, workdir):
       manager.save(save_at, args=ocp.args.StandardSave(jax.device_put(state, one_device)))
       manager.wait_until_finished()
       manager.close()
-  return states, losses
+  return states, losses, halves, read
+
+
+def _process_train_data(config, index: int, count: int) -> pipeline.TrainData:
+  """pipeline.load_train_data(config) as process ``index`` of ``count`` resolves it."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(jax, 'process_index', lambda *_: index)
+    patch.setattr(jax, 'process_count', lambda *_: count)
+    return pipeline.load_train_data(config)
+
+
+def _image_hashes(images) -> list[bytes]:
+  return [hashlib.sha1(np.ascontiguousarray(x).tobytes()).digest() for x in images]
+
+
+def _assert_shards_partition_the_split(config, halves, read) -> None:
+  """The processes' splits are disjoint and cover the split; each read only its own."""
+  builder = halves[0].builder
+  ids = [set(pipeline._scan_labels(builder, half.split)[0]) for half in halves]
+  everything = pipeline._scan_labels(builder, config.train_split)[0]
+  assert not ids[0] & ids[1]
+  assert ids[0] | ids[1] == set(everything) and len(everything) == len(set(everything))
+  assert abs(len(ids[0]) - len(ids[1])) <= 1
+  for half, taken in zip(halves, read):
+    own = set(_image_hashes(img for img, in builder.as_dataset(split=half.split).map(
+        lambda ex: (ex['image'],)).as_numpy_iterator()))
+    assert taken and set(taken) <= own, half.split
+  assert not set(read[0]) & set(read[1])
 
 
 @needs_cifar10
@@ -84,7 +110,11 @@ def test_two_processes_match_one_restore_across_counts_and_stop_together_on_sigt
   # 1 process x 8 devices on the 2-process run's global batches. Its state
   # after step 1 is saved by this single process, from one device.
   workdir = tmp_path / 'run'
-  reference, reference_losses = _reference_run(config, save_at=1, workdir=workdir)
+  reference, reference_losses, halves, read = _reference_run(config, save_at=1, workdir=workdir)
+  # Each process reads only its shard. The pipelines here are those the 2
+  # processes build (load_train_data as process i of 2); the 2-process run's
+  # losses matching this run's, below, ties them to the real processes.
+  _assert_shards_partition_the_split(config, halves, read)
 
   # 2 processes x 4 devices resume from that checkpoint (another process and
   # device count) and train on their own halves of the data, until process 1
