@@ -1,10 +1,18 @@
 """Pictures of results: confusion matrices, cross-correlation matrices, embeddings."""
 
+from etils import epath
 import matplotlib
 
 matplotlib.use('Agg')  # Files only; no display needed on servers and in CI.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def save(fig, path) -> None:
+  """Writes ``fig`` as a PNG to ``path`` (local or ``gs://``, through epath) and closes it."""
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
+  plt.close(fig)
 
 
 def confusion_matrix_png(confusion, class_names, path: str, title: str = '') -> None:
@@ -21,8 +29,7 @@ def confusion_matrix_png(confusion, class_names, path: str, title: str = '') -> 
               color='white' if rates[i, j] > 0.5 else 'black')
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path)
 
 
 def cross_correlation_png(c, path: str, title: str = 'cross-correlation C') -> None:
@@ -34,8 +41,7 @@ def cross_correlation_png(c, path: str, title: str = 'cross-correlation C') -> N
   ax.set_xlabel('feature j (view 2)'), ax.set_ylabel('feature i (view 1)')
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path)
 
 
 def project_2d(features, method: str = 'pca', seed: int = 0) -> np.ndarray:
@@ -84,5 +90,4 @@ def embeddings_png(panels, path: str, class_names=None, title: str = '') -> None
                      frameon=False)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path)

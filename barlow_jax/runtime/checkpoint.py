@@ -14,11 +14,11 @@ another run's encoder (linear probe, fine-tuning) opens that workdir read-only
 (``restore_variables``), so evaluation never writes into it.
 """
 
-import os
-import shutil
+import contextlib
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
@@ -48,29 +48,38 @@ def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.
       cleanup_tmp_directories=not read_only)
   # The explicit handler lets a fresh manager read item metadata (shapes)
   # before restoring.
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+  return ocp.CheckpointManager(checkpoints_dir(workdir),
                                options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
-def complete_steps(directory: str) -> list[int]:
+def checkpoints_dir(workdir) -> epath.Path:
+  """``workdir``/checkpoints as an epath (local, or ``gs://``: Orbax takes either)."""
+  path = epath.Path(workdir)
+  return (path if '://' in str(workdir) else path.absolute()) / CHECKPOINTS
+
+
+def complete_steps(directory) -> list[int]:
   """The steps of the complete checkpoints in a checkpoints ``directory``, oldest first.
 
   Orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames to ``<step>``
   once complete, so a directory named by its step alone is complete.
   """
-  if not os.path.isdir(directory):
+  directory = epath.Path(directory)
+  if not directory.is_dir():
     return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
 
 
-def remove_partial(directory: str) -> list[str]:
+def remove_partial(directory) -> list[str]:
   """Removes the partial checkpoints (Orbax's tmp directories) of ``directory``; their names."""
-  if jax.process_index() != 0 or not os.path.isdir(directory):
+  directory = epath.Path(directory)
+  if jax.process_index() != 0 or not directory.is_dir():
     return []
-  removed = [d for d in os.listdir(directory) if TMP_MARK in d]
+  removed = [d for d in directory.iterdir() if TMP_MARK in d.name]
   for d in removed:
-    shutil.rmtree(os.path.join(directory, d), ignore_errors=True)
-  return removed
+    with contextlib.suppress(OSError):
+      d.rmtree()
+  return [d.name for d in removed]
 
 
 def shape_mismatches(expected, saved, name: str) -> list[str]:
@@ -188,7 +197,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
 
 def saved_steps(workdir: str) -> list[int]:
   """The complete checkpoints of ``workdir``, oldest first; nothing is created or deleted."""
-  if not os.path.isdir(os.path.join(os.path.abspath(workdir), CHECKPOINTS)):
+  if not checkpoints_dir(workdir).is_dir():
     return []
   mngr = manager(workdir, read_only=True)
   try:
@@ -226,7 +235,7 @@ def restore_variables(workdir: str, expected: dict, mesh: Mesh,
   Raises:
     CheckpointError: no such checkpoint, unreadable, or another architecture.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  directory = checkpoints_dir(workdir)
   have = saved_steps(workdir)
   if not have:
     raise CheckpointError(f'{workdir} has no checkpoint ({directory} is missing or empty): its '

@@ -14,6 +14,7 @@ trainer's (trainer.py).
 import os
 from typing import NamedTuple, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -65,7 +66,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
     The final TrainState (replicated over the mesh).
   """
   config_validation.validate_pretrain(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   data = pipeline.load_train_data(config)
   length = trainer.Length.of(config, data.num_global)
