@@ -11,6 +11,7 @@ writes, like a bucket without write permission.
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -20,11 +21,14 @@ from etils.epath import testing as epath_testing
 import ml_collections
 import pytest
 
+from conftest import REPO
+
 from barlow_jax import main
 from barlow_jax import plots
 from barlow_jax.errors import WorkdirError
 from barlow_jax.runtime import distributed
 from barlow_jax.runtime import workdir as workdir_lib
+
 
 _FNS = ('copy', 'exists', 'glob', 'isdir', 'listdir', 'makedirs', 'mkdir', 'open', 'remove',
         'rename', 'replace', 'rmtree', 'stat', 'walk')
@@ -130,3 +134,24 @@ def test_an_unwritable_bucket_exits_2_naming_the_workdir(bucket, capsys):
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert "workdir 'gs://readonly/run' is not writable" in err and '403' in err, err
+
+
+def test_tpu_pod_script_passes_a_gs_workdir_through_to_every_host(tmp_path):
+  """launch/tpu_pod.sh with a fake gcloud on PATH: the command it would run on the hosts."""
+  fake = tmp_path / 'bin' / 'gcloud'
+  fake.parent.mkdir()
+  fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$CAPTURE"\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f'{fake.parent}:{os.environ["PATH"]}',
+             CAPTURE=str(tmp_path / 'args'))
+  subprocess.run([str(REPO / 'launch' / 'tpu_pod.sh'), '--tpu=bt-v4-32', '--zone=us-central2-b',
+                  '--', '--config=configs/imagenet_bt.py', '--workdir=gs://bucket/bt run'],
+                 env=env, check=True, cwd=tmp_path)
+  args = (tmp_path / 'args').read_text().splitlines()
+  assert args[:5] == ['compute', 'tpus', 'tpu-vm', 'ssh', 'bt-v4-32'], args
+  assert '--worker=all' in args and '--zone=us-central2-b' in args
+  command = next(a[len('--command='):] for a in args if a.startswith('--command='))
+  # The remote shell gets the workdir unchanged (quoted), and nothing local was created.
+  assert command == ('cd ~/barlow_jax && python3 -m barlow_jax.main --distributed '
+                     r'--config=configs/imagenet_bt.py --workdir=gs://bucket/bt\ run'), command
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['args', 'bin']
