@@ -26,6 +26,7 @@ from conftest import REPO
 from barlow_jax import main
 from barlow_jax import plots
 from barlow_jax.errors import WorkdirError
+from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import distributed
 from barlow_jax.runtime import workdir as workdir_lib
 
@@ -155,3 +156,15 @@ def test_tpu_pod_script_passes_a_gs_workdir_through_to_every_host(tmp_path):
   assert command == ('cd ~/barlow_jax && python3 -m barlow_jax.main --distributed '
                      r'--config=configs/imagenet_bt.py --workdir=gs://bucket/bt\ run'), command
   assert sorted(p.name for p in tmp_path.iterdir()) == ['args', 'bin']
+
+
+def test_partial_checkpoints_on_a_bucket_are_the_uncommitted_ones(bucket):
+  """On gs:// Orbax writes <step>/ in place and commit_success.txt last (no rename)."""
+  root = bucket / 'b/run/checkpoints'
+  for step, committed in ((3, True), (5, False)):
+    (root / str(step) / 'state').mkdir(parents=True)
+    if committed:
+      (root / str(step) / checkpoint.COMMIT_FILE).write_text('done')
+  assert checkpoint.complete_steps('gs://b/run/checkpoints') == [3]
+  assert checkpoint.remove_partial('gs://b/run/checkpoints') == ['5']
+  assert sorted(p.name for p in root.iterdir()) == ['3']

@@ -27,7 +27,8 @@ from barlow_jax.errors import CheckpointError
 from barlow_jax.runtime import mesh as mesh_lib
 
 CHECKPOINTS = 'checkpoints'  # Sub-directory of the workdir.
-TMP_MARK = '.orbax-checkpoint-tmp'  # In the name of a checkpoint being written.
+TMP_MARK = '.orbax-checkpoint-tmp'  # In the name of a checkpoint being written (locally).
+COMMIT_FILE = 'commit_success.txt'  # The last file of a checkpoint Orbax writes to a bucket.
 # The arrays whose shapes tell an architecture; checked before restoring.
 _CHECKED = ('params', 'batch_stats')
 
@@ -58,24 +59,33 @@ def checkpoints_dir(workdir) -> epath.Path:
   return (path if '://' in str(workdir) else path.absolute()) / CHECKPOINTS
 
 
-def complete_steps(directory) -> list[int]:
-  """The steps of the complete checkpoints in a checkpoints ``directory``, oldest first.
+def _is_partial(path: epath.Path) -> bool:
+  """Whether ``path`` is a checkpoint Orbax has not finished writing.
 
-  Orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames to ``<step>``
-  once complete, so a directory named by its step alone is complete.
+  Locally Orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames it
+  to ``<step>`` once complete. On a bucket (``gs://``), where a rename is a
+  copy, it writes ``<step>`` in place and adds COMMIT_FILE last.
   """
+  if TMP_MARK in path.name:
+    return True
+  return '://' in str(path) and path.name.isdigit() and not (path / COMMIT_FILE).exists()
+
+
+def complete_steps(directory) -> list[int]:
+  """The steps of the complete checkpoints in a checkpoints ``directory``, oldest first."""
   directory = epath.Path(directory)
   if not directory.is_dir():
     return []
-  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit())
+  return sorted(int(d.name) for d in directory.iterdir()
+                if d.name.isdigit() and not _is_partial(d))
 
 
 def remove_partial(directory) -> list[str]:
-  """Removes the partial checkpoints (Orbax's tmp directories) of ``directory``; their names."""
+  """Removes the partial checkpoints (_is_partial) of ``directory``; their names."""
   directory = epath.Path(directory)
   if jax.process_index() != 0 or not directory.is_dir():
     return []
-  removed = [d for d in directory.iterdir() if TMP_MARK in d.name]
+  removed = [d for d in directory.iterdir() if _is_partial(d)]
   for d in removed:
     with contextlib.suppress(OSError):
       d.rmtree()
