@@ -168,3 +168,14 @@ def test_partial_checkpoints_on_a_bucket_are_the_uncommitted_ones(bucket):
   assert checkpoint.complete_steps('gs://b/run/checkpoints') == [3]
   assert checkpoint.remove_partial('gs://b/run/checkpoints') == ['5']
   assert sorted(p.name for p in root.iterdir()) == ['3']
+
+
+def test_a_local_workdir_keeps_flock(tmp_path):
+  """Locally no lease is written: flock, released by the kernel even on kill -9."""
+  with distributed.workdir_lock(str(tmp_path)):
+    with pytest.raises(WorkdirError, match=f'pid {os.getpid()} on {socket.gethostname()}'):
+      with distributed.workdir_lock(str(tmp_path)):
+        pass
+  assert sorted(p.name for p in tmp_path.iterdir()) == [distributed.LOCK_FILE]
+  with distributed.workdir_lock(str(tmp_path)):  # Released: taken again.
+    pass
