@@ -179,3 +179,19 @@ def test_a_local_workdir_keeps_flock(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == [distributed.LOCK_FILE]
   with distributed.workdir_lock(str(tmp_path)):  # Released: taken again.
     pass
+
+
+def test_exit_75_releases_the_lease(bucket, monkeypatch):
+  """exit_now (os._exit: no finally runs) removes the lease first, so a resume is not refused."""
+  lease = bucket / 'b/run' / distributed.LEASE_FILE
+  at_exit = []
+
+  def fake_exit(status):  # What the bucket holds when the process would end.
+    at_exit.append((status, lease.exists()))
+    raise SystemExit(status)
+  monkeypatch.setattr(os, '_exit', fake_exit)
+  with pytest.raises(SystemExit):
+    with distributed.workdir_lock('gs://b/run'):
+      assert lease.exists()
+      distributed.exit_now(75, 'stopped')
+  assert at_exit == [(75, False)]

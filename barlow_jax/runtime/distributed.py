@@ -278,12 +278,16 @@ def _lease_holder(path: epath.Path, now: float) -> Optional[str]:
           f'heartbeat {max(age, 0):.0f} s ago')
 
 
-def _heartbeat(path: epath.Path, started: str, stop: threading.Event) -> None:
+def _heartbeat(path: epath.Path, started: str, stop: threading.Event,
+               writing: threading.Lock) -> None:
   while not stop.wait(LEASE_HEARTBEAT_S):
-    try:
-      path.write_text(_lease_record(started))
-    except Exception as e:  # pylint: disable=broad-except  # A network blip: try again later.
-      logging.warning('Could not refresh the lease %s: %s', path, e)
+    with writing:  # Not while the lease is released: a late write would revive it.
+      if stop.is_set():
+        return
+      try:
+        path.write_text(_lease_record(started))
+      except Exception as e:  # pylint: disable=broad-except  # A network blip: try again later.
+        logging.warning('Could not refresh the lease %s: %s', path, e)
 
 
 def _acquire_lease(workdir: str) -> tuple[Optional[Callable[[], None]], str]:
@@ -301,14 +305,15 @@ def _acquire_lease(workdir: str) -> tuple[Optional[Callable[[], None]], str]:
     path.write_text(_lease_record(started))
   except Exception as e:  # pylint: disable=broad-except  # gfile/fsspec raise many types.
     return None, f'workdir {workdir!r} is not writable: {type(e).__name__}: {e}'
-  stop = threading.Event()
-  threading.Thread(target=_heartbeat, args=(path, started, stop), name='workdir_lease',
+  stop, writing = threading.Event(), threading.Lock()
+  threading.Thread(target=_heartbeat, args=(path, started, stop, writing), name='workdir_lease',
                    daemon=True).start()
 
   def release() -> None:
-    stop.set()
-    with contextlib.suppress(Exception):
-      path.unlink()
+    with writing:
+      stop.set()
+      with contextlib.suppress(Exception):
+        path.unlink()
   return release, ''
 
 
