@@ -3,8 +3,8 @@
 Every error names the offending key, so a typo costs seconds, not a compile.
 """
 
-import os
 
+from etils import epath
 import jax
 
 from barlow_jax.data import augment
@@ -124,7 +124,7 @@ def validate_linear(config) -> None:
   """Checks for the linear-probe / kNN stage; raises ConfigError."""
   workdir = config.pretrained_workdir
   _require(bool(workdir), 'config.pretrained_workdir must be set to a pretraining workdir.')
-  _require(os.path.exists(os.path.join(workdir, 'config.json')),
+  _require((epath.Path(workdir) / 'config.json').exists(),
            f'config.pretrained_workdir={workdir!r} has no config.json (not a pretraining workdir?).')
   _require(0.0 < config.label_fraction <= 1.0,
            f'config.label_fraction={config.label_fraction} must be in (0, 1].')
@@ -193,7 +193,7 @@ def validate_finetune(config) -> None:
   """Checks for the fine-tuning stage, before the pretraining config is read."""
   workdir = config.pretrained_workdir
   _require(bool(workdir), 'config.pretrained_workdir must be set to a pretraining workdir.')
-  _require(os.path.exists(os.path.join(workdir, 'config.json')),
+  _require((epath.Path(workdir) / 'config.json').exists(),
            f'config.pretrained_workdir={workdir!r} has no config.json (not a pretraining workdir?).')
   _require(0.0 < config.label_fraction <= 1.0,
            f'config.label_fraction={config.label_fraction} must be in (0, 1].')

@@ -6,11 +6,19 @@ with ``png_bytes``); the ``*_png`` functions write one to a file.
 
 import io
 
+from etils import epath
 import matplotlib
 
 matplotlib.use('Agg')  # Files only; no display needed on servers and in CI.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def save(fig, path) -> None:
+  """Writes ``fig`` as a PNG to ``path`` (local or ``gs://``, through epath) and closes it."""
+  with epath.Path(path).open('wb') as f:
+    fig.savefig(f, format='png', dpi=100)
+  plt.close(fig)
 
 
 def confusion_matrix_png(confusion, class_names, path: str, title: str = '') -> None:
@@ -27,14 +35,7 @@ def confusion_matrix_png(confusion, class_names, path: str, title: str = '') -> 
               color='white' if rates[i, j] > 0.5 else 'black')
   fig.colorbar(im, ax=ax, fraction=0.046)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def save(fig, path: str) -> None:
-  """Writes ``fig`` to ``path`` (PNG) and frees it."""
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  save(fig, path)
 
 
 def png_bytes(fig) -> bytes:

@@ -3,11 +3,12 @@
 #
 #   launch/tpu_pod.sh --tpu=NAME --zone=ZONE [--project=P] [--repo=DIR] -- <barlow_jax.main flags>
 #   launch/tpu_pod.sh --tpu=bt-v4-32 --zone=us-central2-b -- \
-#       --config=configs/imagenet_bt.py --workdir=/mnt/shared/bt --config.data_dir=/mnt/shared/tfds
+#       --config=configs/imagenet_bt.py --workdir=gs://BUCKET/bt --config.data_dir=gs://BUCKET/tfds
 #
 # Assumes the repository is checked out and installed (pip install -e '.[tpu]') at --repo
-# (default: ~/barlow_jax) on every host, and that the workdir and data dir are on a
-# filesystem all hosts share (e.g. Filestore/NFS). --distributed makes each host call
+# (default: ~/barlow_jax) on every host, and that the workdir and data dir are where all
+# hosts see them: a gs:// bucket (passed through untouched; nothing here creates or resolves
+# the workdir, the run does) or a shared filesystem (Filestore/NFS). --distributed makes each host call
 # jax.distributed.initialize(), which finds the coordinator, the host count and the host's
 # index from the TPU metadata; nothing in the config changes with the number of hosts.
 #

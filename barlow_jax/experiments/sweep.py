@@ -22,6 +22,7 @@ import os
 from typing import Callable, Optional, Sequence
 
 from absl import logging
+from etils import epath
 import ml_collections
 import numpy as np
 
@@ -146,10 +147,10 @@ def markdown(summary: dict, config) -> str:
 
 
 def _load_points(directory: str) -> Optional[dict]:
-  path = os.path.join(directory, 'embeddings_2d.npz')
-  if not os.path.exists(path):
+  path = epath.Path(directory) / 'embeddings_2d.npz'
+  if not path.exists():
     return None
-  with np.load(path) as data:
+  with path.open('rb') as f, np.load(f) as data:
     return {k: data[k] for k in data.files}
 
 
@@ -182,7 +183,7 @@ def compare_figures(summary: dict, workdir: str, class_names=None) -> list[str]:
 
 
 def _write(summary: dict, config, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   first = workdir_lib.read_results(run_dir(workdir, summary['gammas'][0], summary['seeds'][0]))
   class_names = first.get('class_names') if first else None
   summary['figures'] = compare_figures(summary, workdir, class_names)

@@ -14,11 +14,11 @@ another run's encoder (linear probe, fine-tuning) opens that workdir read-only
 (``restore_variables``), so evaluation never writes into it.
 """
 
-import os
-import shutil
+import contextlib
 from typing import Any, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
@@ -27,7 +27,8 @@ from barlow_jax.errors import CheckpointError
 from barlow_jax.runtime import mesh as mesh_lib
 
 CHECKPOINTS = 'checkpoints'  # Sub-directory of the workdir.
-TMP_MARK = '.orbax-checkpoint-tmp'  # In the name of a checkpoint being written.
+TMP_MARK = '.orbax-checkpoint-tmp'  # In the name of a checkpoint being written (locally).
+COMMIT_FILE = 'commit_success.txt'  # The last file of a checkpoint Orbax writes to a bucket.
 # The arrays whose shapes tell an architecture; checked before restoring.
 _CHECKED = ('params', 'batch_stats')
 
@@ -48,29 +49,47 @@ def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.
       cleanup_tmp_directories=not read_only)
   # The explicit handler lets a fresh manager read item metadata (shapes)
   # before restoring.
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS),
+  return ocp.CheckpointManager(checkpoints_dir(workdir),
                                options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
-def complete_steps(directory: str) -> list[int]:
-  """The steps of the complete checkpoints in a checkpoints ``directory``, oldest first.
+def checkpoints_dir(workdir) -> epath.Path:
+  """``workdir``/checkpoints as an epath (local, or ``gs://``: Orbax takes either)."""
+  path = epath.Path(workdir)
+  return (path if '://' in str(workdir) else path.absolute()) / CHECKPOINTS
 
-  Orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames to ``<step>``
-  once complete, so a directory named by its step alone is complete.
+
+def _is_partial(path: epath.Path) -> bool:
+  """Whether ``path`` is a checkpoint Orbax has not finished writing.
+
+  Locally Orbax writes into ``<step>.orbax-checkpoint-tmp*`` and renames it
+  to ``<step>`` once complete. On a bucket (``gs://``), where a rename is a
+  copy, it writes ``<step>`` in place and adds COMMIT_FILE last.
   """
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  if TMP_MARK in path.name:
+    return True
+  return '://' in str(path) and path.name.isdigit() and not (path / COMMIT_FILE).exists()
 
 
-def remove_partial(directory: str) -> list[str]:
-  """Removes the partial checkpoints (Orbax's tmp directories) of ``directory``; their names."""
-  if jax.process_index() != 0 or not os.path.isdir(directory):
+def complete_steps(directory) -> list[int]:
+  """The steps of the complete checkpoints in a checkpoints ``directory``, oldest first."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
     return []
-  removed = [d for d in os.listdir(directory) if TMP_MARK in d]
+  return sorted(int(d.name) for d in directory.iterdir()
+                if d.name.isdigit() and not _is_partial(d))
+
+
+def remove_partial(directory) -> list[str]:
+  """Removes the partial checkpoints (_is_partial) of ``directory``; their names."""
+  directory = epath.Path(directory)
+  if jax.process_index() != 0 or not directory.is_dir():
+    return []
+  removed = [d for d in directory.iterdir() if _is_partial(d)]
   for d in removed:
-    shutil.rmtree(os.path.join(directory, d), ignore_errors=True)
-  return removed
+    with contextlib.suppress(OSError):
+      d.rmtree()
+  return [d.name for d in removed]
 
 
 def shape_mismatches(expected, saved, name: str) -> list[str]:
@@ -188,7 +207,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
 
 def saved_steps(workdir: str) -> list[int]:
   """The complete checkpoints of ``workdir``, oldest first; nothing is created or deleted."""
-  if not os.path.isdir(os.path.join(os.path.abspath(workdir), CHECKPOINTS)):
+  if not checkpoints_dir(workdir).is_dir():
     return []
   mngr = manager(workdir, read_only=True)
   try:
@@ -226,7 +245,7 @@ def restore_variables(workdir: str, expected: dict, mesh: Mesh,
   Raises:
     CheckpointError: no such checkpoint, unreadable, or another architecture.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+  directory = checkpoints_dir(workdir)
   have = saved_steps(workdir)
   if not have:
     raise CheckpointError(f'{workdir} has no checkpoint ({directory} is missing or empty): its '

@@ -17,20 +17,34 @@
 * ``workdir_lock``: an exclusive ``fcntl.flock`` on ``<workdir>/.lock`` held
   for the whole run, so a second run cannot write into a workdir a live run
   holds. The kernel releases it when the process dies (even on ``kill -9``),
-  so a stale lock file after a crash never blocks the next run.
+  so a stale lock file after a crash never blocks the next run. Object stores
+  (``gs://``) have no flock: there process 0 holds a *lease* instead,
+  ``<workdir>/.lease.json`` (host, pid, start time, heartbeat time) whose
+  heartbeat a daemon thread rewrites every ``LEASE_HEARTBEAT_S``. A new run
+  refuses a lease whose heartbeat is younger than ``LEASE_STALE_S`` (3
+  heartbeats), naming the holder and the heartbeat's age; it takes over an
+  older one (its holder died without releasing it) and removes its own at exit.
+  flock stays for local paths: the kernel releases it the moment the holder
+  dies, with no waiting for a stale lease and no read-then-write race (two
+  runs starting within the same second on one bucket could both take a lease;
+  GCS's generation preconditions would close that, epath does not expose them).
 """
 
 import contextlib
 import fcntl
+import datetime
 import itertools
+import json
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import Iterator, Optional
+import time
+from typing import Callable, Iterator, Optional
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -40,12 +54,16 @@ from barlow_jax.errors import EXIT_PREEMPTED
 from barlow_jax.errors import WorkdirError
 
 LOCK_FILE = '.lock'
+LEASE_FILE = '.lease.json'  # The lock of a remote (gs://) workdir.
+LEASE_HEARTBEAT_S = 60.0  # How often the holder rewrites its lease.
+LEASE_STALE_S = 3 * LEASE_HEARTBEAT_S  # A lease not rewritten for this long is a dead run's.
 
 _stop = threading.Event()  # SIGTERM or SIGINT arrived; polled by the training loop.
 _loop_running = False  # A training loop is polling preemption_requested.
 _barriers = itertools.count()
 _SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
 _stop_signal = 'SIGTERM'  # The first signal that asked the loop to stop.
+_release_lock: Optional[Callable[[], None]] = None  # Of the workdir lock this process holds.
 
 
 def _ignore(signum, frame) -> None:
@@ -60,6 +78,8 @@ def exit_now(status: int, message: str) -> None:
   or Orbax threads (tens of seconds after a preemption save). Call it only
   with every checkpoint complete, or with nothing to save.
   """
+  if _release_lock is not None:  # os._exit skips workdir_lock's finally: free the lease now.
+    _release_lock()
   logging.error('%s', message)
   print(message, file=sys.stderr)
   logging.flush()
@@ -222,9 +242,100 @@ def _acquire(workdir: str) -> tuple[Optional[int], str]:
   return fd, ''
 
 
+def _lease_record(started: str) -> str:
+  return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': started,
+                     'heartbeat': time.time()})
+
+
+def _dead_here(lease: dict) -> bool:
+  """Whether the lease is of a process of this host that no longer runs."""
+  if lease.get('host') != socket.gethostname():
+    return False
+  try:
+    os.kill(int(lease.get('pid')), 0)
+  except ProcessLookupError:
+    return True
+  except (OSError, TypeError, ValueError):
+    return False
+  return False
+
+
+def _lease_holder(path: epath.Path, now: float) -> Optional[str]:
+  """Who holds the lease at ``path`` if its heartbeat is recent, else None (none or stale)."""
+  try:
+    lease = json.loads(path.read_text())
+    age = now - float(lease['heartbeat'])
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError):  # Garbled: a dead writer's, treated as stale.
+    logging.warning('Unreadable lease %s: taking it over.', path)
+    return None
+  if age >= LEASE_STALE_S or _dead_here(lease):
+    logging.warning('Taking over the lease %s of pid %s on %s (dead, or heartbeat %.0f s ago).',
+                    path, lease.get('pid'), lease.get('host'), age)
+    return None
+  return (f"pid {lease.get('pid')} on {lease.get('host')}, started {lease.get('started')}, "
+          f'heartbeat {max(age, 0):.0f} s ago')
+
+
+def _heartbeat(path: epath.Path, started: str, stop: threading.Event,
+               writing: threading.Lock) -> None:
+  while not stop.wait(LEASE_HEARTBEAT_S):
+    with writing:  # Not while the lease is released: a late write would revive it.
+      if stop.is_set():
+        return
+      try:
+        path.write_text(_lease_record(started))
+      except Exception as e:  # pylint: disable=broad-except  # A network blip: try again later.
+        logging.warning('Could not refresh the lease %s: %s', path, e)
+
+
+def _acquire_lease(workdir: str) -> tuple[Optional[Callable[[], None]], str]:
+  """(release function, '') or (None, why not); process 0 of a remote workdir."""
+  path = epath.Path(workdir) / LEASE_FILE
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    holder = _lease_holder(path, time.time())
+    if holder:
+      return None, (f'workdir {workdir!r} is in use by another run ({holder}; lease {path}). '
+                    f'Wait for it to finish, use another --workdir, or delete the lease if that '
+                    f'run is dead (a lease without a heartbeat for {LEASE_STALE_S:.0f} s is '
+                    'taken over anyway).')
+    started = datetime.datetime.now().isoformat(timespec='seconds')
+    path.write_text(_lease_record(started))
+  except Exception as e:  # pylint: disable=broad-except  # gfile/fsspec raise many types.
+    return None, f'workdir {workdir!r} is not writable: {type(e).__name__}: {e}'
+  stop, writing = threading.Event(), threading.Lock()
+  threading.Thread(target=_heartbeat, args=(path, started, stop, writing), name='workdir_lease',
+                   daemon=True).start()
+
+  def release() -> None:
+    with writing:
+      stop.set()
+      with contextlib.suppress(Exception):
+        path.unlink()
+  return release, ''
+
+
+def _acquire_lock(workdir: str) -> tuple[Optional[Callable[[], None]], str]:
+  """(release function, '') or (None, why not): flock locally, a lease on an object store."""
+  if '://' in workdir:
+    return _acquire_lease(workdir)
+  fd, problem = _acquire(workdir)
+  if fd is None:
+    return None, problem
+
+  def release() -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+  return release, ''
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
   """Holds an exclusive lock on ``workdir`` for the duration of the block.
+
+  A local workdir is flock-ed, a remote one (``gs://``) leased (module docstring).
 
   Process 0 takes the lock (processes of a multi-host run share the workdir);
   its answer is broadcast so that every process stops if it failed, instead of
@@ -237,11 +348,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     WorkdirError: the workdir cannot be created or written, or another live
       run holds it.
   """
-  if '://' in workdir:  # Object stores (gs://) have no flock.
-    logging.warning('Not locking %s: remote workdirs cannot be locked.', workdir)
-    yield
-    return
-  fd, problem = _acquire(workdir) if jax.process_index() == 0 else (None, '')
+  release, problem = _acquire_lock(workdir) if jax.process_index() == 0 else (None, '')
   if jax.process_count() > 1:
     wait_for_all_processes('workdir_lock')
     ok = multihost_utils.broadcast_one_to_all(np.int32(not problem))
@@ -249,9 +356,11 @@ def workdir_lock(workdir: str) -> Iterator[None]:
       problem = f'process 0 could not lock workdir {workdir!r} (see its message).'
   if problem:
     raise WorkdirError(problem)
+  global _release_lock
+  _release_lock = release
   try:
     yield
   finally:
-    if fd is not None:
-      fcntl.flock(fd, fcntl.LOCK_UN)
-      os.close(fd)
+    _release_lock = None
+    if release is not None:
+      release()

@@ -1,7 +1,10 @@
 """The files of a workdir besides checkpoints: the config a run follows, and its results.
 
-Every file is written aside and renamed into place, so a kill mid-write never
-leaves a truncated file. A run is "done" when its ``results.json`` exists:
+Every access goes through ``etils.epath``, so a workdir may be local or on an
+object store (``gs://bucket/run``) alike. A local file is written aside and
+renamed into place, so a kill mid-write never leaves a truncated file; on an
+object store a rename is a copy plus a delete (not atomic), while a
+single-object upload is atomic already, so remote files are written directly. A run is "done" when its ``results.json`` exists:
 every stage writes it last (after results.md and its pictures), and the sweep
 and the reproduction reuse a run only then, and only if it recorded the same
 config on the keys that change what a run computes (``finished_results``).
@@ -23,6 +26,7 @@ import os
 from typing import Any, Optional, Sequence
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -43,8 +47,18 @@ ABSENT = '<absent>'  # The value of a key one of two configs lacks.
 _SHOWN = 12  # Differences listed in a message; the rest are counted.
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` atomically (aside, then renamed)."""
+def is_remote(path) -> bool:
+  """Whether ``path`` is on an object store (``gs://``, ``s3://``...): no rename, no flock."""
+  return '://' in str(path)
+
+
+def write_text(path, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically: aside then renamed locally, in one upload remotely."""
+  if is_remote(path):
+    # One object upload is atomic on GCS/S3 (readers see the old or the new
+    # object); tmp + rename would be a copy and a delete there, not atomic.
+    epath.Path(path).write_text(text)
+    return
   tmp = f'{path}.tmp'
   try:
     with open(tmp, 'w') as f:
@@ -65,15 +79,14 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     write_text(os.path.join(workdir, CONFIG), config.to_json_best_effort(indent=2))
 
 
-def _load_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def _load_json(path) -> Any:
+  return json.loads(epath.Path(path).read_text())
 
 
 def config_changes(workdir: str) -> list[dict]:
   """The accepted config changes of a run, oldest first ([] if none)."""
-  path = os.path.join(workdir, CONFIG_CHANGES)
-  return _load_json(path) if os.path.exists(path) else []
+  path = epath.Path(workdir) / CONFIG_CHANGES
+  return _load_json(path) if path.exists() else []
 
 
 def recorded_config(workdir: str) -> Optional[dict]:
@@ -81,8 +94,8 @@ def recorded_config(workdir: str) -> Optional[dict]:
 
   That is config.json, or the config of the latest accepted change.
   """
-  path = os.path.join(workdir, CONFIG)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG
+  if not path.exists():
     return None
   changes = config_changes(workdir)
   return changes[-1]['config'] if changes else _load_json(path)
@@ -105,7 +118,7 @@ def read_config(workdir: str, kind: str = 'pretraining', mode: Optional[str] = N
   where = f'config.{key}={workdir!r}' if key else repr(workdir)
   recorded = recorded_config(workdir)
   if recorded is None:
-    raise WorkdirError(f'No {kind} config at {os.path.join(workdir, CONFIG)}: is {where} a '
+    raise WorkdirError(f'No {kind} config at {epath.Path(workdir) / CONFIG}: is {where} a '
                        f'{kind} workdir?')
   found = recorded.get('mode', 'pretrain')
   if mode is not None and found != mode:
@@ -213,10 +226,10 @@ def record_start(workdir: str, config, step: Optional[int], differences) -> None
   """
   if jax.process_index() > 0:
     return
-  if step is None or not os.path.exists(os.path.join(workdir, CONFIG)):
+  if step is None or not (epath.Path(workdir) / CONFIG).exists():
     write_config(workdir, config)
-    if os.path.exists(os.path.join(workdir, CONFIG_CHANGES)):  # Of an earlier run's.
-      os.remove(os.path.join(workdir, CONFIG_CHANGES))
+    if (epath.Path(workdir) / CONFIG_CHANGES).exists():  # Of an earlier run's.
+      (epath.Path(workdir) / CONFIG_CHANGES).unlink()
   elif differences:
     logging.warning('Resuming %s at step %d with a changed config (--allow_config_change):\n%s',
                     workdir, step, describe_differences(differences))
@@ -237,11 +250,8 @@ def write_results(workdir: str, results: dict, markdown: str) -> None:
 
 def read_results(workdir: str) -> Optional[dict[str, Any]]:
   """The results of a finished run, or None if it has not finished."""
-  path = os.path.join(workdir, RESULTS)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = epath.Path(workdir) / RESULTS
+  return _load_json(path) if path.exists() else None
 
 
 def finished_results(workdir: str, config, allow_change: bool) -> Optional[dict[str, Any]]:

@@ -9,10 +9,10 @@ same class-balanced subset that pretraining with the same fraction_seed uses,
 and scored on the whole test split. Writes results.json and results.md.
 """
 
-import os
 import time
 
 from absl import logging
+from etils import epath
 import numpy as np
 from sklearn import ensemble
 from sklearn import linear_model
@@ -64,7 +64,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   """
   del allow_config_change
   config_validation.validate_baselines(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   spec = datasets.dataset_spec(config.dataset)
   datasets.split_size(datasets.get_builder(config.dataset, config.data_dir, config.download),
                       config.train_split, 'train_split')

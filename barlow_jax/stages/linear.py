@@ -15,6 +15,7 @@ stay clean and cached. Writes ``results.json``, ``results.md`` and
 import os
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -114,7 +115,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   recorded unless ``allow_config_change``; the cached probe starts afresh.
   """
   config_validation.validate_linear(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   encoder, description = load_encoder(config, mesh)
   spec = datasets.dataset_spec(encoder.config.dataset)

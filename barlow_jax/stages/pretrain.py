@@ -15,6 +15,7 @@ import functools
 import os
 from typing import NamedTuple, Optional
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -68,7 +69,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
     The final TrainState (replicated over the mesh).
   """
   config_validation.validate_pretrain(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   data = pipeline.load_train_data(config)
   length = trainer.Length.of(config, data.num_global)

@@ -30,6 +30,7 @@ import os
 from typing import Optional
 
 from absl import logging
+from etils import epath
 from clu import metric_writers
 import jax
 import ml_collections
@@ -179,7 +180,8 @@ def embedding_figures(config, fns: dict, variables: dict, mesh: Mesh, workdir: s
   for m, p in points.items():
     plots.embeddings_png([(p, labels, title)], os.path.join(workdir, f'embeddings_{m}.png'),
                          class_names, f'{m.upper()} of augmented train {config.plots.features}')
-  np.savez(os.path.join(workdir, 'embeddings_2d.npz'), labels=labels, **points)
+  with (epath.Path(workdir) / 'embeddings_2d.npz').open('wb') as f:
+    np.savez(f, labels=labels, **points)
   off = c[~np.eye(len(c), dtype=bool)]
   return {'mean_diag_c': float(np.diag(c).mean()), 'mean_abs_offdiag_c': float(np.abs(off).mean())}
 
@@ -216,7 +218,7 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
     The results dict written to results.json.
   """
   config_validation.validate_supervised(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   model = factory.create_supervised_model(config, axis_name=DATA_AXIS)
   data = load_data(config)
