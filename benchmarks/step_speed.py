@@ -15,19 +15,12 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
-import numpy as np
 
 from barlow_jax.data import augment
-from barlow_jax.data import datasets
-from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
 from barlow_jax.models import factory
 from barlow_jax import compiled_cost
-from barlow_jax import optim
-from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.runtime import state as state_lib
-from barlow_jax.stages import pretrain
-from barlow_jax import trainer
+from benchmarks import pretraining_step
 
 config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 flags.DEFINE_integer('steps', 5, 'Timed steps after one warm-up step.')
@@ -47,18 +40,7 @@ def _time(fn, steps):
 def main(_):
   config = FLAGS.config
   n = config.batch_size
-  crops = host_crop.HostCrops(config.augment.crop_size, trainer.views_of(config, 2))
-  shape = pipeline.train_image_shape(datasets.dataset_spec(config.dataset), crops)
-  mesh = mesh_lib.make_mesh()
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
-  tx, schedule = optim.create_optimizer(config, 100, 1000)
-  state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
-  step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
-                                  schedule, num_views=2)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
-  rng = np.random.default_rng(0)
-  batch = {'image': jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8), sharding),
-           'label': jax.device_put(rng.integers(0, 10, n).astype(np.int32), sharding)}
+  state, step, batch, crops = pretraining_step.build(config)
   holder = {'state': state}
 
   def full_step():
