@@ -14,8 +14,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
-import torchvision
+
+# The suite has loaded TensorFlow and jaxlib before this module; torchvision
+# then imports torch._dynamo, which imports triton (the CUDA build's GPU
+# kernel compiler), whose native library segfaults beside them (seen with
+# torch 2.14.1, TF 2.21). Nothing here needs GPU kernels: make triton absent,
+# which torch handles as "no triton".
+sys.modules.setdefault('triton', None)
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 from barlow_jax import convert
 from barlow_jax import errors
