@@ -280,13 +280,18 @@ def convert(torch_checkpoint: str, workdir: str, dataset: str = 'imagenet2012',
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('torch_checkpoint', None, 'resnet50.pth of torch.hub '
-                    'facebookresearch/barlowtwins, or the full training checkpoint.pth.')
-flags.DEFINE_string('workdir', None, 'The pretraining workdir to create (new or empty).')
-flags.DEFINE_string('dataset', 'imagenet2012', 'The data the probe and fine-tuning will use '
-                    f'(config.dataset): one of {sorted(datasets.DATASETS)}.')
-flags.DEFINE_string('data_dir', None, 'Where that dataset is prepared (config.data_dir).')
-flags.mark_flags_as_required(['torch_checkpoint', 'workdir'])
+
+
+def define_flags() -> None:
+  """The command's flags, defined only when it runs: barlow_jax.main has a --workdir too,
+  and a process that imports both modules (the tests) must not define it twice."""
+  flags.DEFINE_string('torch_checkpoint', None, 'resnet50.pth of torch.hub '
+                      'facebookresearch/barlowtwins, or the full training checkpoint.pth.')
+  flags.DEFINE_string('workdir', None, 'The pretraining workdir to create (new or empty).')
+  flags.DEFINE_string('dataset', 'imagenet2012', 'The data the probe and fine-tuning will use '
+                      f'(config.dataset): one of {sorted(datasets.DATASETS)}.')
+  flags.DEFINE_string('data_dir', None, 'Where that dataset is prepared (config.data_dir).')
+  flags.mark_flags_as_required(['torch_checkpoint', 'workdir'])
 
 
 def _fail(message: str) -> None:
@@ -314,4 +319,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)
