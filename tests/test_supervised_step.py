@@ -139,6 +139,7 @@ def test_fresh_state_takes_only_the_encoder_of_pretrained_variables(small_resnet
   fresh = state_lib.create_train_state(model, tx, mesh, config.seed, 32)
   pretrained = jax.tree.map(lambda x: x + 7.0, {'params': dict(fresh.params),
                                                 'batch_stats': dict(fresh.batch_stats)})
+  pretrained['params'].pop('classifier')  # Fine-tuning with head_init='random'.
   pretrained['params']['head'] = {'w': np.ones(5)}  # A projector: not taken.
   state = state_lib.create_train_state(model, tx, mesh, config.seed, 32, pretrained)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b + 7.0),

@@ -109,6 +109,19 @@ def finish_saves(mngr: ocp.CheckpointManager) -> None:
   mngr.close()
 
 
+def _write_summaries(write: Callable[[int, dict], Any], step: int, values: dict) -> None:
+  """TensorBoard summaries are diagnostics: a failed write (a full disk) is logged, not fatal.
+
+  The checkpoint save that follows reports the same cause with the exit
+  status and the last complete checkpoint (_saving).
+  """
+  try:
+    write(step, values)
+  except Exception as e:  # pylint: disable=broad-except  # tf.errors.*, OSError, ...
+    logging.warning('Writing TensorBoard summaries at step %d failed: %s: %s', step,
+                    type(e).__name__, str(e).splitlines()[0][:200])
+
+
 def _run_hooks(hooks: Sequence[Hook], step: int, state, writer, progress: Progress) -> None:
   if not hooks:
     return
@@ -119,9 +132,9 @@ def _run_hooks(hooks: Sequence[Hook], step: int, state, writer, progress: Progre
   images = {k: v for k, v in summaries.items() if np.ndim(v) == 4}
   scalars = {k: v for k, v in summaries.items() if k not in images}
   if scalars:
-    writer.write_scalars(step, scalars)
+    _write_summaries(writer.write_scalars, step, scalars)
   if images:
-    writer.write_images(step, images)
+    _write_summaries(writer.write_images, step, images)
   progress.last_time += time.time() - t0  # Throughput counts training only.
 
 
@@ -139,7 +152,7 @@ def _report(summed: dict, count: int, done: int, schedule: Schedule, save_now: b
   _check_finite(scalars, done - count + 1, done, mngr)
   if log_now:
     progress(done, scalars)
-    writer.write_scalars(done, {f'train/{k}': v for k, v in scalars.items()})
+    _write_summaries(writer.write_scalars, done, {f'train/{k}': v for k, v in scalars.items()})
   return log_now
 
 

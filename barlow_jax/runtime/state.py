@@ -41,9 +41,10 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
     dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     fresh = model.init(init_rng, dummy, train=False)
     params, batch_stats = dict(fresh['params']), dict(fresh['batch_stats'])
-    if variables is not None:
-      params.update(variables['params'])
-      batch_stats.update(variables.get('batch_stats', {}))
+    if variables is not None:  # Modules the model lacks (a projector) are not taken.
+      params.update({k: v for k, v in variables['params'].items() if k in params})
+      batch_stats.update({k: v for k, v in variables.get('batch_stats', {}).items()
+                          if k in batch_stats})
     return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), rng=state_rng)
 
