@@ -5,6 +5,7 @@ import collections
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from barlow_jax import config_validation
 from barlow_jax import errors
@@ -95,3 +96,33 @@ def test_eval_batches_index_examples_by_their_position_in_the_split(monkeypatch)
   second, second_labels = read(1, 2)
   np.testing.assert_array_equal(second, np.arange(502, 1003))
   np.testing.assert_array_equal(second_labels, labels[502:])
+
+
+@needs_cifar10
+def test_resume_reads_only_its_window_and_matches_the_straight_stream(monkeypatch):
+  config = tiny_config()
+  config.train_split = 'train[:1000]'
+  data = pipeline.load_train_data(config)  # Windows of 300: 300, 300, 300, 100 records.
+
+  def take(start, n):
+    ds = pipeline.train_dataset(data, local_batch=100, seed=5, start_step=start, shuffle_buffer=300)
+    return [b for _, b in zip(range(n), ds.as_numpy_iterator())]
+
+  straight = take(0, 13)
+  assert len({im.tobytes() for b in straight[:10] for im in b['image']}) == 1000
+  for start in (5, 9, 10, 12):  # Mid-window (twice), epoch boundary, next epoch.
+    for a, b in zip(take(start, 13 - start), straight[start:]):
+      np.testing.assert_array_equal(a['image'], b['image'])
+
+  # Records the source hands out (no read-ahead below the shuffle): a resume at
+  # record 850 of the epoch reads its one window, not the 850 records before it.
+  real_window_records, reads = pipeline._window_records, []
+
+  def counted(*args):
+    return real_window_records(*args).map(
+        lambda ex: (tf.py_function(lambda: reads.append(1) or 0, [], tf.int32), ex)[1])
+
+  monkeypatch.setattr(pipeline, '_window_records', counted)
+  stream = pipeline._record_stream(data, seed=5, start=850, shuffle_buffer=300, cache=False)
+  next(stream.as_numpy_iterator())
+  assert len(reads) in (100, 300)  # Window 850 // 300 = 2 of the epoch's order.

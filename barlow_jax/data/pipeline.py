@@ -4,11 +4,11 @@ The host reads, decodes and batches uint8 images; the views are made on the
 device (data/augment.py), except for datasets of variable-size JPEGs
 (ImageNet), whose random-resized crops the host cuts from the whole image, one
 per view (data/host_crop.py), leaving the photometric ops to the device. The
-training stream is a pure function of ``(seed, step)``: epoch ``e`` is the
-process's shard shuffled with seed ``seed + e``, and a run resumed at step
-``s`` skips exactly the records that steps ``0..s-1`` consumed, so a resumed
-run sees the same data in the same order as an uninterrupted one (host crops
-included: their randomness is stateless, seeded by ``(seed, step, example)``).
+training stream is a pure function of ``(seed, step)``, so a resumed run sees
+the same data in the same order as an uninterrupted one (host crops included:
+their randomness is stateless, seeded by ``(seed, step, example)``), and a
+resume reads no record that steps ``0..s-1`` consumed (see train_dataset:
+windows of the shard, read by file offset).
 """
 
 import dataclasses
@@ -29,9 +29,10 @@ _MAX_EPOCHS = 1 << 40
 
 
 def _scan_labels(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(tfds_id, label) of every example of the split, images left undecoded."""
+  """(tfds_id, label) of every example of the split in file order, images left undecoded."""
+  # One file at a time: positions in this order are the train windows' positions.
   ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(add_tfds_id=True))
+                          read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1))
   ds = ds.map(lambda ex: (ex['tfds_id'], ex['label'])).batch(65536)
   ids, labels = zip(*ds.as_numpy_iterator())
   return np.concatenate(ids), np.concatenate(labels).astype(np.int64)
@@ -63,7 +64,7 @@ class TrainData:
   """This process's shard of the training set."""
   builder: tfds.core.DatasetBuilder
   split: str  # This process's TFDS split expression.
-  subset_ids: Optional[np.ndarray]  # tfds_ids kept by the balanced fraction; None: all.
+  kept: Optional[np.ndarray]  # Positions in the shard kept by the balanced fraction; None: all.
   num_local: int  # Examples in this process's shard.
   num_global: int  # Examples over all processes.
   spec: datasets.DatasetSpec
@@ -85,10 +86,10 @@ def load_train_data(config) -> TrainData:
   keep = ids[balanced_subset(labels, config.fraction, spec.num_classes, config.fraction_seed)]
   # One process reads the whole split: no second pass over it (~7 s for CIFAR-10 train).
   local_ids = ids if jax.process_count() == 1 else _scan_labels(builder, local_split)[0]
-  num_local = int(np.isin(local_ids, keep).sum())
+  kept = np.flatnonzero(np.isin(local_ids, keep))
   logging.info('Balanced fraction %.3f: %d of %d examples (%d on this process).',
-               config.fraction, len(keep), len(ids), num_local)
-  return TrainData(builder, local_split, keep, num_local, len(keep), spec)
+               config.fraction, len(keep), len(ids), len(kept))
+  return TrainData(builder, local_split, kept, len(kept), len(keep), spec)
 
 
 def check_batch_fits(data: TrainData, config) -> None:
@@ -145,17 +146,110 @@ def train_image_shape(spec: datasets.DatasetSpec, crops: host_crop.HostCrops) ->
 
 
 def _records(data: TrainData) -> tf.data.Dataset:
-  """The shard's raw (undecoded) records, filtered to the balanced subset."""
-  ds = data.builder.as_dataset(
-      split=data.split, shuffle_files=False,
-      decoders={'image': tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(add_tfds_id=data.subset_ids is not None))
-  if data.subset_ids is not None:
-    table = tf.lookup.StaticHashTable(
-        tf.lookup.KeyValueTensorInitializer(tf.constant(data.subset_ids),
-                                            tf.ones(len(data.subset_ids), tf.int32)), 0)
-    ds = ds.filter(lambda ex: table.lookup(ex['tfds_id']) > 0)
+  """The whole split's raw (undecoded) records, in order (eval: no subset)."""
+  ds = data.builder.as_dataset(split=data.split, shuffle_files=False,
+                               decoders={'image': tfds.decode.SkipDecoding()})
   return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Windows:
+  """Window ``k`` of the shard = kept records ``[k*size, (k+1)*size)``, as file reads.
+
+  Row ``r`` reads ``takes[r]`` records of ``files[r]`` after skipping
+  ``skips[r]``; they are the shard's records from position ``starts[r]`` on.
+  Window ``k`` is rows ``[first_row[k], first_row[k+1])``.
+  """
+  size: int
+  count: int
+  files: np.ndarray
+  skips: np.ndarray
+  takes: np.ndarray
+  starts: np.ndarray
+  first_row: np.ndarray
+
+
+def _shard_windows(data: TrainData, size: int) -> _Windows:
+  """Cuts the shard into windows of ``size`` kept records, each read from its files only."""
+  kept = data.kept if data.kept is not None else np.arange(data.num_local)
+  count = -(-len(kept) // size)
+  bounds = [(kept[k * size], kept[min((k + 1) * size, len(kept)) - 1] + 1) for k in range(count)]
+  rows, first_row = [], [0]
+  instructions = data.builder.info.splits[data.split].file_instructions
+  for lo, hi in bounds:
+    position = 0
+    for ins in instructions:  # The shard in order: a slice of each file.
+      a, b = max(lo, position), min(hi, position + ins.take)
+      if a < b:
+        rows.append((ins.filename, ins.skip + a - position, b - a, a))
+      position += ins.take
+    first_row.append(len(rows))
+  files, skips, takes, starts = zip(*rows)
+  return _Windows(size, count, np.array(files), np.array(skips, np.int64),
+                  np.array(takes, np.int64), np.array(starts, np.int64), np.array(first_row))
+
+
+def _window_records(data: TrainData, windows: _Windows, k) -> tf.data.Dataset:
+  """The raw records of window ``k`` (int or scalar tensor), in shard order."""
+  table = {name: tf.constant(getattr(windows, name)) for name in ('files', 'skips', 'takes',
+                                                                  'starts')}
+  first_row = tf.constant(windows.first_row, tf.int64)
+
+  def read(r):
+    records = tf.data.TFRecordDataset(table['files'][r]).skip(table['skips'][r])
+    positions = tf.data.Dataset.range(table['starts'][r], table['starts'][r] + table['takes'][r])
+    return tf.data.Dataset.zip(positions, records.take(table['takes'][r]))
+
+  ds = tf.data.Dataset.range(first_row[k], first_row[k + 1]).flat_map(read)
+  if data.kept is not None:
+    kept = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(data.kept, tf.int64), tf.ones(len(data.kept), tf.int32)), 0)
+    ds = ds.filter(lambda position, _: kept.lookup(position) > 0)
+  features = data.builder.info.features
+  skip_image = {'image': tfds.decode.SkipDecoding()}
+
+  def parse(_, serialized):
+    ex = features.deserialize_example(serialized, decoders=skip_image)
+    return {'image': ex['image'], 'label': ex['label']}
+
+  return ds.map(parse)
+
+
+def _window_order(seed: int, epoch, count: int) -> tf.Tensor:
+  """The order epoch ``epoch`` (int64 scalar tensor) visits the windows in."""
+  return tf.random.experimental.stateless_shuffle(
+      tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+
+
+def _record_stream(data: TrainData, seed: int, start: int, shuffle_buffer: int,
+                   cache: bool) -> tf.data.Dataset:
+  """The endless stream of raw records from its record ``start`` on (see train_dataset)."""
+  windows = _shard_windows(data, min(shuffle_buffer, data.num_local))
+  # Encoded bytes: 150 MB for CIFAR; kept only when the shard is one window (not ImageNet).
+  cached = _window_records(data, windows, 0).cache() if cache and windows.count == 1 else None
+  first_epoch, offset = divmod(start, data.num_local)
+  # The last window is short and may come anywhere in the epoch's order.
+  sizes = np.minimum(windows.size, data.num_local - np.arange(windows.count) * windows.size)
+  ends = np.cumsum(sizes[_window_order(seed, tf.constant(first_epoch, tf.int64),
+                                       windows.count).numpy()])
+  first_window = int(np.searchsorted(ends, offset, side='right'))
+  first_skip = offset - (int(ends[first_window - 1]) if first_window else 0)
+
+  def window(e, position, k):
+    records = cached if cached is not None else _window_records(data, windows, k)
+    size = tf.minimum(tf.constant(windows.size, tf.int64), data.num_local - k * windows.size)
+    records = records.shuffle(size, seed=seed + e * windows.count + position,
+                              reshuffle_each_iteration=False)
+    resumed = tf.logical_and(e == first_epoch, position == first_window)
+    return records.skip(tf.where(resumed, tf.constant(first_skip, tf.int64), 0))
+
+  def epoch(e):
+    order = _window_order(seed, e, windows.count)
+    start = tf.where(e == first_epoch, tf.constant(first_window, tf.int64), 0)
+    positions = tf.data.Dataset.range(start, windows.count)
+    return positions.flat_map(lambda position: window(e, position, order[position]))
+
+  return tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
 
 
 def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int = 0,
@@ -164,7 +258,15 @@ def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int 
   """Endless batches of {'image': uint8, 'label': int32 [b]} from ``start_step``.
 
   Batch ``s`` holds records ``[s*b, (s+1)*b)`` of the concatenation of
-  per-epoch shuffles, so it depends only on (seed, s): resuming is exact.
+  per-epoch orders, so it depends only on (seed, s): resuming is exact. Epoch
+  ``e`` cuts the shard into windows of ``shuffle_buffer`` records, visits them
+  in an order drawn from (seed, e) and shuffles each one whole. Why windows:
+  a resume at position ``p`` of the epoch opens window ``p // shuffle_buffer``
+  at its files' offsets (TFDS shard lengths), so it reads one window, as a
+  fresh start fills one shuffle buffer, and not the ``p`` records before it
+  (skipping them was minutes of I/O on ImageNet; benchmarks/resume_cost.py).
+  Random access (Grain on ArrayRecord) would need the data re-written; tf.data
+  iterator checkpoints hold the whole shuffle buffer.
   'image' is [b, H, W, 3] as stored (the device crops), or, for variable-size
   JPEGs, [b, V, S, S, 3]: ``crops`` (required then) gives the V views' crop
   parameters and the side S (train_image_shape).
@@ -174,17 +276,7 @@ def train_dataset(data: TrainData, local_batch: int, seed: int, start_step: int 
   if data.num_local < local_batch:
     raise ConfigError(f'This process has {data.num_local} training examples, fewer than its '
                      f'batch of {local_batch} (config.batch_size / process count).')
-  records = _records(data)
-  if cache:  # Encoded bytes: 150 MB for CIFAR; turn off for ImageNet-sized data.
-    records = records.cache()
-  first_epoch, offset = divmod(start_step * local_batch, data.num_local)
-  buffer = min(shuffle_buffer, data.num_local)
-
-  def epoch(e):
-    skip = tf.where(e == first_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
-    return records.shuffle(buffer, seed=seed + e, reshuffle_each_iteration=False).skip(skip)
-
-  ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
+  ds = _record_stream(data, seed, start_step * local_batch, shuffle_buffer, cache)
   if data.spec.fixed_size:
     ds = ds.map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   else:
