@@ -15,7 +15,7 @@ Expected result and the exact measurement: README, "Supervised learning with
 a Barlow Twins term".
 
   python -m barlow_jax.sweep --config=configs/cifar_supervised_bt_cpu.py \
-      --config.data_dir=../shared/tfds --gammas=0,1e-2 --seeds=3 --workdir=runs/sweep_cpu
+      --gammas=0,1e-2 --seeds=3 --workdir=runs/sweep_cpu
 """
 
 import ml_collections

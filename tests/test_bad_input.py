@@ -24,7 +24,7 @@ import pytest
 import cli_runs
 from barlow_jax import config_files
 from barlow_jax import main
-from conftest import (DATA_DIR, REPO, needs_cifar10, pretraining_workdir, tiny_config,
+from conftest import (DATA_DIR, REPO, cifar10_split_sizes, needs_cifar10, pretraining_workdir, tiny_config,
                       tiny_supervised_config)
 from conftest import snapshot as _snapshot
 
@@ -208,6 +208,7 @@ def test_each_bad_input_in_process_exits_2_with_a_short_message_and_the_workdir_
   bad_eval_split = tiny_supervised_config()
   bad_eval_split.eval.test_split = 'tset'
   new = lambda name: tmp_path / name  # A workdir that does not exist yet.
+  sizes = cifar10_split_sizes()  # Real: 50000 and 10000.
 
   # (name, config, workdir, --allow_config_change, what stderr must say)
   cases = [
@@ -222,8 +223,8 @@ def test_each_bad_input_in_process_exits_2_with_a_short_message_and_the_workdir_
        good, True, ['CheckpointError', 'another optimiser', 'in the checkpoint only',
                     "in the config's optimiser only"]),
       ('unknown split', _changed(train_split='trian'), new('w_split'), False,
-       ["config.train_split='trian' is not a split of cifar10", "'train' (50000)",
-        "'test' (10000)"]),
+       ["config.train_split='trian' is not a split of cifar10", f"'train' ({sizes['train']})",
+        f"'test' ({sizes['test']})"]),
       ('split smaller than the batch', _changed(train_split='train[:8]'), new('w_small'), False,
        ["config.train_split='train[:8]' holds 8 training examples, fewer than one batch of "
         'config.batch_size=16']),
