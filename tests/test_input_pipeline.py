@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from barlow_jax import config_validation
 from barlow_jax import errors
@@ -126,3 +127,75 @@ def test_resume_reads_only_its_window_and_matches_the_straight_stream(monkeypatc
   stream = pipeline._record_stream(data, seed=5, start=850, shuffle_buffer=300, cache=False)
   next(stream.as_numpy_iterator())
   assert len(reads) in (100, 300)  # Window 850 // 300 = 2 of the epoch's order.
+
+
+class _NumberedImages(tfds.core.GeneratorBasedBuilder):
+  """600 8x8 images whose pixels spell their number, written by TFDS into 6 files."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(8, 8, 3)), 'label': tfds.features.ClassLabel(
+            num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(600):
+      yield i, {'image': np.full((8, 8, 3), [i % 256, i // 256, 0], np.uint8), 'label': i % 10}
+
+
+def _numbers(images: np.ndarray) -> np.ndarray:
+  pixels = images[:, 0, 0].astype(np.int64)
+  return pixels[:, 0] + 256 * pixels[:, 1]
+
+
+@pytest.fixture(scope='module')
+def numbered_images(tmp_path_factory):
+  builder = _NumberedImages(data_dir=str(tmp_path_factory.mktemp('numbered')))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      num_shards=6, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  assert len(builder.info.splits['train'].file_instructions) == 6
+  return builder, datasets.DatasetSpec('numbered_images', 10, 8, (0.5,) * 3, (0.25,) * 3)
+
+
+def test_multi_file_windows_with_a_fraction_resume_exactly(numbered_images):
+  """Windows spanning file boundaries, a balanced fraction, resumes anywhere."""
+  builder, spec = numbered_images
+  # Reference for 'position in the split': TFDS's own slicing, one example at a time.
+  by_position = [_numbers(next(builder.as_dataset(split=f'train[{k}:{k + 1}]').batch(1)
+                               .as_numpy_iterator())['image'])[0] for k in range(0, 600, 37)]
+  _, scan_labels = pipeline._scan_labels(builder, 'train')
+  kept = np.sort(pipeline.balanced_subset(scan_labels, 0.5, 10, seed=1))  # 300 positions.
+  data = pipeline.TrainData(builder, 'train', kept, len(kept), len(kept), spec)
+
+  def take(start, n):
+    ds = pipeline.train_dataset(data, local_batch=20, seed=3, start_step=start,
+                                shuffle_buffer=70, cache=False)  # Windows 70 x 4 + 20.
+    return [_numbers(b['image']) for _, b in zip(range(n), ds.as_numpy_iterator())]
+
+  straight = take(0, 18)  # 15 steps per epoch, then 3 into the next one.
+  # The epoch is exactly the kept examples, each once (numbers = positions' contents).
+  eval_numbers = np.concatenate([_numbers(b['image'])[b['mask']] for b in pipeline.eval_batches(
+      builder, spec, 'train', local_batch=64)])
+  np.testing.assert_array_equal(eval_numbers[::37], by_position)  # eval 'index' = position.
+  assert sorted(np.concatenate(straight[:15]).tolist()) == sorted(eval_numbers[kept].tolist())
+  assert not np.array_equal(straight[0], straight[15])  # The next epoch is reshuffled.
+  for start in (2, 4, 7, 14, 15, 16):  # Inside and across windows, at and past the epoch end.
+    for a, b in zip(take(start, 18 - start), straight[start:]):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_array_record_data_is_refused_naming_the_format(numbered_images, tmp_path, monkeypatch):
+  _, spec = numbered_images
+  builder = _NumberedImages(data_dir=str(tmp_path), file_format='array_record')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  monkeypatch.setattr(datasets, 'get_builder', lambda *args: builder)
+  monkeypatch.setattr(datasets, 'dataset_spec', lambda name: spec)
+  config = tiny_config()
+  config.train_split = 'train'
+  with pytest.raises(errors.ConfigError, match=r'stored as array_record; barlow_jax reads '
+                     r'TFRecord'):
+    pipeline.load_train_data(config)

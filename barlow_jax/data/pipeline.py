@@ -75,6 +75,12 @@ def load_train_data(config) -> TrainData:
   spec = datasets.dataset_spec(config.dataset)
   builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
   datasets.split_size(builder, config.train_split, 'train_split')
+  file_format = builder.info.file_format
+  if file_format is not None and file_format.value != 'tfrecord':
+    # The stream opens TFRecord files at offsets (train_dataset); ArrayRecord is not read.
+    raise ConfigError(f'{config.dataset} in {builder.data_dir} is stored as '
+                      f'{file_format.value}; barlow_jax reads TFRecord (prepare it with '
+                      f"file_format='tfrecord').")
   local_split = tfds.split_for_jax_process(config.train_split)
   if config.fraction >= 1.0:
     return TrainData(builder, local_split, None, builder.info.splits[local_split].num_examples,
@@ -147,8 +153,11 @@ def train_image_shape(spec: datasets.DatasetSpec, crops: host_crop.HostCrops) ->
 
 def _records(data: TrainData) -> tf.data.Dataset:
   """The whole split's raw (undecoded) records, in order (eval: no subset)."""
+  # One file at a time: TFDS otherwise interleaves 16 files, and eval_batches'
+  # 'index' (the position in the split) would be wrong for multi-file splits.
   ds = data.builder.as_dataset(split=data.split, shuffle_files=False,
-                               decoders={'image': tfds.decode.SkipDecoding()})
+                               decoders={'image': tfds.decode.SkipDecoding()},
+                               read_config=tfds.ReadConfig(interleave_cycle_length=1))
   return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
 
