@@ -120,14 +120,19 @@ def validate_pretrain(config) -> None:
   validate_knn_monitor(config)
 
 
-def validate_linear(config) -> None:
-  """Checks for the linear-probe / kNN stage; raises ConfigError."""
+def _validate_pretrained_and_labels(config) -> None:
+  """What the evaluation stages share: a pretraining workdir to read and a label fraction."""
   workdir = config.pretrained_workdir
   _require(bool(workdir), 'config.pretrained_workdir must be set to a pretraining workdir.')
   _require((epath.Path(workdir) / 'config.json').exists(),
            f'config.pretrained_workdir={workdir!r} has no config.json (not a pretraining workdir?).')
   _require(0.0 < config.label_fraction <= 1.0,
            f'config.label_fraction={config.label_fraction} must be in (0, 1].')
+
+
+def validate_linear(config) -> None:
+  """Checks for the linear-probe / kNN stage; raises ConfigError."""
+  _validate_pretrained_and_labels(config)
   _require(config.batch_size > 0 and config.batch_size % jax.device_count() == 0,
            f'config.batch_size={config.batch_size} must be a positive multiple of the device '
            f'count ({jax.device_count()}).')
@@ -191,11 +196,6 @@ def validate_supervised(config) -> None:
 
 def validate_finetune(config) -> None:
   """Checks for the fine-tuning stage, before the pretraining config is read."""
-  workdir = config.pretrained_workdir
-  _require(bool(workdir), 'config.pretrained_workdir must be set to a pretraining workdir.')
-  _require((epath.Path(workdir) / 'config.json').exists(),
-           f'config.pretrained_workdir={workdir!r} has no config.json (not a pretraining workdir?).')
-  _require(0.0 < config.label_fraction <= 1.0,
-           f'config.label_fraction={config.label_fraction} must be in (0, 1].')
+  _validate_pretrained_and_labels(config)
   _require(config.head_init in ('linear_probe', 'random'),
            f"config.head_init={config.head_init!r} must be 'linear_probe' or 'random'.")
