@@ -1,5 +1,7 @@
-"""Every shipped pretraining config is valid, and the ImageNet recipe's step runs at small scale."""
+"""Every shipped config loads and passes its mode's checks; the ImageNet recipe's step runs small."""
 
+
+import pathlib
 
 import jax
 import numpy as np
@@ -18,6 +20,21 @@ from barlow_jax.stages import pretrain
 from barlow_jax import trainer
 
 PRETRAIN_CONFIGS = ['cifar_bt', 'cifar_bt_cpu', 'imagenet_bt']
+# Modes whose checks need no other workdir, and what they check of the config.
+_CHECKS = {'pretrain': config_validation.validate_pretrain,
+           'supervised': config_validation.validate_supervised,
+           'sweep': lambda config: config_validation.validate_supervised(config.run),
+           'baselines': config_validation.validate_baselines}
+_SHIPPED = sorted(p.stem for p in pathlib.Path(config_files.configs_dir()).glob('*.py')
+                  if p.stem != '__init__')
+
+
+@pytest.mark.parametrize('name', _SHIPPED)
+def test_every_shipped_config_loads_and_passes_its_checks(name):
+  config = config_files.load(name)
+  assert config.mode in (*_CHECKS, 'linear', 'finetune', 'reproduce'), config.mode
+  if config.mode in _CHECKS:
+    _CHECKS[config.mode](config)
 
 
 @pytest.mark.parametrize('name', PRETRAIN_CONFIGS)
