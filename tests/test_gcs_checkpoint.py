@@ -1,107 +1,44 @@
-"""A pretraining run on a gs:// workdir saves its checkpoints in a GCS emulator and resumes from them.
+"""A pretraining run on a gs:// workdir: checkpoints, TensorBoard and the lease in a GCS emulator.
 
-Offline: gcp-storage-emulator (the GCS JSON API, in memory, a thread of this
-process on a free port of 127.0.0.1) stands in for Cloud Storage, and both
-clients the run uses for a bucket are pointed at it:
-
-- Orbax's arrays go through tensorstore's own GCS driver, which reads
-  TENSORSTORE_GCS_HTTP_URL (its documented test endpoint) and takes
-  GOOGLE_AUTH_TOKEN_FOR_TESTING instead of credentials;
-- every other file (config.json, the lease, Orbax's metadata and
-  commit_success.txt) goes through etils.epath; with its TensorFlow backend
-  off, epath uses fsspec's gcsfs, which reads STORAGE_EMULATOR_HOST.
-
-TensorBoard is not on the bucket here: clu writes it with tf.summary, through
-TensorFlow's own GCS filesystem, whose endpoint is a compile-time constant
-(``https://www.googleapis.com/storage/v1/``, tsl gcs_file_system.cc; no
-environment variable moves it), so offline it cannot be created at all. This
-test gives the run a local TensorBoard directory instead.
+Offline: tests/gcs_emulator.py runs gcp-storage-emulator on 127.0.0.1 and
+points the run's own GCS clients at it, unchanged: tensorstore (Orbax's
+arrays) by its test endpoint, google-cloud-storage (Orbax's bucket lookup)
+by STORAGE_EMULATOR_HOST, TensorFlow's GCS filesystem (etils.epath's backend
+for gs://, and clu's TensorBoard writer) through a local TLS proxy. Nothing
+in barlow_jax, epath, Orbax or clu is patched.
 """
 
 import logging
 import os
-import threading
+import pathlib
 
-# Before gcsfs is imported (it reads this once): the plain JSON-API client,
-# not the one that first asks the Storage Control gRPC API for the bucket's
-# layout (no such API in the emulator).
-os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
+import jax
+import pytest
 
-from clu import metric_writers  # noqa: E402
-from etils.epath import backend as epath_backend  # noqa: E402
-from etils.epath import gpath  # noqa: E402
-import fsspec  # noqa: E402
-import gcsfs  # noqa: E402
-from gcp_storage_emulator.handlers import objects as emulator_objects  # noqa: E402
-from gcp_storage_emulator.server import create_server  # noqa: E402
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import cli_runs
+import gcs_emulator
+from conftest import needs_cifar10, tiny_config
 
-import cli_runs  # noqa: E402
-from conftest import needs_cifar10, tiny_config  # noqa: E402
-
-from barlow_jax import main  # noqa: E402
-from barlow_jax import trainer  # noqa: E402
-from barlow_jax.data import pipeline  # noqa: E402
-from barlow_jax.runtime import checkpoint  # noqa: E402
-from barlow_jax.runtime import distributed  # noqa: E402
+from barlow_jax import main
+from barlow_jax.data import pipeline
+from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import distributed
 
 BUCKET = 'bkt'
 
 
-def _with_generation_header(download):
-  """The emulator's media download, adding the object's generation as GCS does.
-
-  Cloud Storage answers every object read with ``x-goog-generation``;
-  tensorstore reads the generation from it (OCDBT's manifest is written
-  conditionally on it) and fails with "Malformed StorageGeneration" without
-  it. gcp-storage-emulator 2026.7.19 leaves it out.
-  """
-  def wrapped(request, response, storage, *args, **kwargs):
-    try:
-      response['x-goog-generation'] = storage.get_file_obj(
-          request.params['bucket_name'], request.params['object_id'])['generation']
-    except Exception:  # pylint: disable=broad-except  # A missing object: the 404 below.
-      pass
-    return download(request, response, storage, *args, **kwargs)
-  return wrapped
-
-
-def _forget_gcs_clients():
-  """gcsfs instances (cached by fsspec and by epath) keep the endpoint they were made with."""
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
-  gcsfs.GCSFileSystem.clear_instance_cache()
-
-
 @pytest.fixture(scope='module')
-def gcs():
-  """The emulator with bucket BUCKET, and this process's GCS clients pointed at it.
+def gcs(tmp_path_factory):
+  """The emulator, with bucket BUCKET; this process's GCS clients pointed at it.
 
   Module-scoped: tensorstore reads TENSORSTORE_GCS_HTTP_URL once per process.
-  Yields epath's gcsfs client, to look into the bucket directly.
   """
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(emulator_objects, 'download', _with_generation_header(emulator_objects.download))
-    server = create_server('127.0.0.1', 0, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    url = 'http://127.0.0.1:%d' % server._api._httpd.server_address[1]  # pylint: disable=protected-access
-    for name, value in (('TENSORSTORE_GCS_HTTP_URL', url), ('STORAGE_EMULATOR_HOST', url),
-                        ('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'offline')):
-      patch.setenv(name, value)
-    patch.setattr(gpath, '_is_tf_installed', lambda: False)  # epath's gs:// through gcsfs.
-    # No listing cache: tensorstore writes into the same directories behind gcsfs's back.
-    patch.setitem(fsspec.config.conf, 'gs', {'cache_timeout': 0})
-    # The emulator logs each request and a traceback for each connection its client closed early.
-    patch.setattr(logging.getLogger('gcp_storage_emulator'), 'disabled', True)
-    _forget_gcs_clients()
+    emulator = gcs_emulator.Emulator(BUCKET, str(tmp_path_factory.mktemp('gcs_tls')), patch)
     try:
-      yield fsspec.filesystem('gs')
+      yield emulator
     finally:
-      _forget_gcs_clients()
-      server.stop()
-      api_thread = server._api  # pylint: disable=protected-access
-      threading.Thread.join(api_thread, 5)  # Its own join() only shuts the HTTP server down.
-      assert not api_thread.is_alive()
+      emulator.close()
 
 
 def _raise_exit(status):
@@ -113,6 +50,7 @@ class SimulatedCrash(Exception):
 
 
 def _crash_after(batches: int, monkeypatch):
+  """Makes the next run raise SimulatedCrash after ``batches`` batches; returns the undo."""
   real_prefetch = pipeline.prefetch_to_mesh
 
   def crashing(iterator, sharding, size=2):
@@ -124,42 +62,56 @@ def _crash_after(batches: int, monkeypatch):
   return lambda: monkeypatch.setattr(pipeline, 'prefetch_to_mesh', real_prefetch)
 
 
+def _download_events(gcs, run: str, directory: pathlib.Path) -> pathlib.Path:
+  """The run's TensorBoard event files, copied from the bucket into ``directory``."""
+  directory.mkdir()
+  for name in gcs.objects(f'{run}/events.out.tfevents'):
+    (directory / name.rsplit('/', 1)[1]).write_bytes(gcs.read(name))
+  return directory
+
+
 @needs_cifar10
-def test_pretraining_on_a_bucket_saves_there_and_resumes_to_identical_parameters(
+def test_pretraining_on_a_bucket_resumes_there_to_identical_parameters(
     gcs, tmp_path, monkeypatch, small_resnet, caplog):
   monkeypatch.setattr(os, '_exit', _raise_exit)
   config = tiny_config()  # 4 steps, a checkpoint every 2.
   config.model.encoder = small_resnet
-  real_writer = metric_writers.create_default_writer
-  monkeypatch.setattr(trainer.metric_writers, 'create_default_writer',  # Module docstring.
-                      lambda workdir, **kwargs: real_writer(str(tmp_path / 'tensorboard'), **kwargs))
   straight_dir = str(tmp_path / 'straight')
   main.run(config, straight_dir)  # Uninterrupted, on the local disk.
 
-  workdir = f'gs://{BUCKET}/run'
-  run = f'{BUCKET}/run'
+  workdir, run = f'gs://{BUCKET}/run', 'run'
   restore_prefetch = _crash_after(2, monkeypatch)
   with pytest.raises(SimulatedCrash):
     main.run(config, workdir)
   restore_prefetch()
-  assert checkpoint.complete_steps(f'{workdir}/checkpoints') == [2]
-  saved = gcs.find(f'{run}/checkpoints/2')
-  # The arrays (OCDBT data files, written by tensorstore) and Orbax's commit mark are in the bucket.
-  assert any('/ocdbt.process_0/d/' in p for p in saved), saved
+  saved = gcs.objects(f'{run}/checkpoints/')
+  # Step 2 complete in the bucket: its arrays (OCDBT files, written by tensorstore) and Orbax's
+  # commit mark (written through epath); nothing of step 4.
+  assert any(n.startswith(f'{run}/checkpoints/2/default/ocdbt.process_0/d/') for n in saved), saved
   assert f'{run}/checkpoints/2/{checkpoint.COMMIT_FILE}' in saved
-  assert not gcs.exists(f'{run}/{distributed.LEASE_FILE}')  # Released by the crash too.
-  # What a run killed while saving step 4 leaves: the step's objects, no commit mark.
-  gcs.pipe(f'{run}/checkpoints/4/default/manifest.ocdbt', b'half written')
+  assert not any(n.startswith(f'{run}/checkpoints/4/') for n in saved), saved
+  assert f'{run}/{distributed.LEASE_FILE}' not in gcs.objects(run)  # Released by the crash too.
+  # What a run killed while saving leaves on a bucket: a step's objects, no commit mark. Step 6,
+  # which this run does not save again: re-creating a step directory within seconds of its
+  # removal fails on TensorFlow's stat cache (GCS_STAT_CACHE_MAX_AGE, read when TensorFlow loads).
+  gcs.write(f'{run}/checkpoints/6/default/manifest.ocdbt', b'half written')
 
   caplog.set_level(logging.INFO)
   main.run(config, workdir)
   assert 'Resuming from checkpoint step 2 in gs://bkt/run/checkpoints' in caplog.text
   assert checkpoint.complete_steps(f'{workdir}/checkpoints') == [2, 4]
-  assert gcs.cat(f'{run}/checkpoints/4/default/manifest.ocdbt') != b'half written'
-  assert gcs.exists(f'{run}/config.json') and not gcs.exists(f'{run}/{distributed.LEASE_FILE}')
-  assert not os.path.exists('gs:') and not (tmp_path / 'gs:').exists()
+  names = gcs.objects(run)
+  assert not any(n.startswith(f'{run}/checkpoints/6/') for n in names), names  # Removed.
+  assert f'{run}/config.json' in names and f'{run}/{distributed.LEASE_FILE}' not in names
+  assert not (pathlib.Path.cwd() / 'gs:').exists()  # Nothing went to a local 'gs:' directory.
 
-  resumed = cli_runs.load_state(workdir, config, devices=jax.devices()[:1])
+  one_device = jax.devices()[:1]
+  resumed = cli_runs.load_state(workdir, config, devices=one_device)
   assert int(resumed.step) == config.num_steps
-  cli_runs.assert_states_equal(
-      resumed, cli_runs.load_state(straight_dir, config, devices=jax.devices()[:1]))
+  cli_runs.assert_states_equal(resumed, cli_runs.load_state(straight_dir, config,
+                                                            devices=one_device))
+  # TensorBoard: the crashed run logged step 2, the resumed one step 4, as the straight run did.
+  events = _download_events(gcs, run, tmp_path / 'events')
+  bucket_losses = cli_runs.read_scalars(events, 'train/bt_loss')
+  assert sorted(bucket_losses) == [2, 4]
+  assert bucket_losses == cli_runs.read_scalars(straight_dir, 'train/bt_loss')
