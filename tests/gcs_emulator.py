@@ -5,8 +5,8 @@ driver (Orbax's arrays), TensorFlow's GCS filesystem (etils.epath, which
 prefers it, and clu's TensorBoard writer), and google-cloud-storage (Orbax
 asks it whether the bucket has a hierarchical namespace before listing
 steps). ``Emulator`` starts gcp-storage-emulator (the GCS JSON API, in
-memory, a thread of this process on a free port) and sets the environment
-that points all three at it:
+memory, in a process of its own on a free port of 127.0.0.1) and sets the
+environment that points all three at it:
 
 - tensorstore: TENSORSTORE_GCS_HTTP_URL, its documented test endpoint, and
   GOOGLE_AUTH_TOKEN_FOR_TESTING instead of credentials (tensorstore and
