@@ -27,6 +27,7 @@ os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
+import barlow_jax  # noqa: E402,F401  (before TensorFlow loads: the package's GCS setting)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
