@@ -28,11 +28,21 @@ from barlow_jax.errors import ConfigError
 _MAX_EPOCHS = 1 << 40
 
 
+def _in_file_order(builder, split: str, add_tfds_id: bool = False) -> tf.data.Dataset:
+  """The split's examples (images left encoded) in file order, one file at a time.
+
+  TFDS otherwise interleaves 16 files; positions in this order are what the
+  train windows (_shard_windows) and eval_batches' 'index' count.
+  """
+  return builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={'image': tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(add_tfds_id=add_tfds_id,
+                                                        interleave_cycle_length=1))
+
+
 def _scan_labels(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(tfds_id, label) of every example of the split in file order, images left undecoded."""
-  # One file at a time: positions in this order are the train windows' positions.
-  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(add_tfds_id=True, interleave_cycle_length=1))
+  ds = _in_file_order(builder, split, add_tfds_id=True)
   ds = ds.map(lambda ex: (ex['tfds_id'], ex['label'])).batch(65536)
   ids, labels = zip(*ds.as_numpy_iterator())
   return np.concatenate(ids), np.concatenate(labels).astype(np.int64)
@@ -153,11 +163,7 @@ def train_image_shape(spec: datasets.DatasetSpec, crops: host_crop.HostCrops) ->
 
 def _records(data: TrainData) -> tf.data.Dataset:
   """The whole split's raw (undecoded) records, in order (eval: no subset)."""
-  # One file at a time: TFDS otherwise interleaves 16 files, and eval_batches'
-  # 'index' (the position in the split) would be wrong for multi-file splits.
-  ds = data.builder.as_dataset(split=data.split, shuffle_files=False,
-                               decoders={'image': tfds.decode.SkipDecoding()},
-                               read_config=tfds.ReadConfig(interleave_cycle_length=1))
+  ds = _in_file_order(data.builder, data.split)
   return ds.map(lambda ex: {'image': ex['image'], 'label': ex['label']})
 
 
