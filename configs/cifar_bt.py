@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = 'pretrain'  # Which stage barlow_jax.main runs.
 
-  # Data: a TFDS name (see barlow_jax/input_pipeline.DATASETS). data_dir=None
+  # Data: a TFDS name (see barlow_jax/data/datasets.DATASETS). data_dir=None
   # uses TFDS_DATA_DIR or ~/tensorflow_datasets; download fetches if missing.
   config.dataset = 'cifar10'
   config.data_dir = config_dict.placeholder(str)

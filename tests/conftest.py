@@ -121,6 +121,9 @@ def tiny_config():
   config.train_split = 'train[:2048]'
   config.model.width = 4
   config.model.projector = '32-32'
+  # The tests' expected shapes are CIFAR's 32 px; the quick start's 24-px
+  # training crops run in test_cli.py.
+  config.augment.crop_size = 32
   config.batch_size = 16
   config.num_steps = 4
   config.log_every = 2

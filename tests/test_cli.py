@@ -109,8 +109,9 @@ def _images(workdir) -> dict:
 def test_quick_start_writes_the_two_views_and_c_to_tensorboard(quick_start_run):
   workdir, _ = quick_start_run
   images = _images(workdir)
-  # 8 images of 32 px side by side, 2 px apart; both views one above the other.
-  assert images[('augment/two_views', 1)] == (2 * 32 + 2, 8 * 34 - 2, 3)
+  # 8 training crops (the quick start's 24 px) side by side, 2 px apart; both views one above
+  # the other.
+  assert images[('augment/two_views', 1)] == (2 * 24 + 2, 8 * 26 - 2, 3)
   # C of the 1024-d projector at the checkpoint (the last step): its first 128 dims, 2 px each.
   assert images[('pretrain/cross_correlation', 3)] == (256, 256, 3)
   assert len(images) == 2, images
