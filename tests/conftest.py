@@ -121,9 +121,12 @@ def tiny_config():
   config.train_split = 'train[:2048]'
   config.model.width = 4
   config.model.projector = '32-32'
-  # The tests' expected shapes are CIFAR's 32 px; the quick start's 24-px
-  # training crops run in test_cli.py.
+  # The views the tests were written and calibrated for (32 px, scale 0.2-1),
+  # independent of the quick start's tuning; its own 24-px crops of scale
+  # 0.35-1 run in test_cli.py.
   config.augment.crop_size = 32
+  for view in (config.augment.view1, config.augment.view2):
+    view.crop_scale = (0.2, 1.0)
   config.batch_size = 16
   config.num_steps = 4
   config.log_every = 2
