@@ -45,10 +45,13 @@ def overrides(config) -> list[str]:
   """``--config.key=value`` for every value where ``config`` differs from BASE_CONFIG."""
   base = _flatten(config_files.load(BASE_CONFIG).to_dict())
   changed = {k: v for k, v in _flatten(config.to_dict()).items() if k not in base or base[k] != v}
-  for key, value in changed.items():
-    assert not isinstance(value, (tuple, list)), f'{key}: only scalar overrides are supported'
-  return [f'--config.{k}={v!r}' if isinstance(v, float) else f'--config.{k}={v}'
-          for k, v in changed.items()]
+  def flag_value(v) -> str:
+    if isinstance(v, tuple):  # ml_collections parses '(a,b)' back into a tuple.
+      return '(' + ','.join(flag_value(x) for x in v) + ')'
+    assert not isinstance(v, list), f'{v}: only scalars and tuples are supported'
+    return repr(v) if isinstance(v, float) else str(v)
+
+  return [f'--config.{k}={flag_value(v)}' for k, v in changed.items()]
 
 
 def env(devices: int = 1, **extra: str) -> dict:
