@@ -1,6 +1,6 @@
 r"""Forward, input-gradient and weight-gradient time of the 3x3 convolutions of a CIFAR ResNet.
 
-  python -m benchmarks.conv_grad [--batch=256] [--width=8]
+  python -m benchmarks.conv_grad [--batch=256] [--width=8] [--tensorflow]
 
 One line per stage shape (channels, spatial size) of a CIFAR ResNet-18 at
 ``--width``: the time of the convolution, of its gradient with respect to
@@ -8,7 +8,8 @@ the input (dx) and with respect to the kernel (dw: XLA's; dw chunks: summed
 over chunks of models/conv.KERNEL_GRAD_CHUNK examples, what the encoders use
 on CPU), each its own jitted program. On accelerators the three are of the same order; on XLA:CPU the
 kernel gradient is what makes the backward pass several times the forward
-(README, "Tests and benchmarks").
+(README, "Tests and benchmarks"). With --tensorflow, the same three through
+TensorFlow's CPU kernels (oneDNN, as torch's), for the side-by-side.
 """
 
 import time
@@ -24,6 +25,9 @@ from barlow_jax.models import conv as conv_lib
 flags.DEFINE_integer('batch', 256, 'Images per call.')
 flags.DEFINE_integer('width', 8, 'Channels of the first stage (64 is the standard ResNet).')
 flags.DEFINE_integer('repeats', 10, 'Timed calls after one warm-up call.')
+flags.DEFINE_bool('tensorflow', False,
+                  "Also time TensorFlow's CPU kernels of the same three (oneDNN, what torch "
+                  'uses too; TensorFlow is installed with tensorflow-datasets).')
 FLAGS = flags.FLAGS
 
 
@@ -34,6 +38,27 @@ def _ms(fn, *args, repeats: int) -> float:
     out = fn(*args)
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / repeats * 1e3
+
+
+def _tf_ms(x, w, repeats: int) -> list:
+  """TensorFlow's forward, input-gradient and kernel-gradient times of the same convolution."""
+  import tensorflow as tf  # Only for this comparison.
+  x, w = tf.constant(np.asarray(x)), tf.constant(np.asarray(w))
+  g = tf.ones_like(x)  # SAME, stride 1, as many output as input channels: the output's shape.
+  ops = (lambda: tf.raw_ops.Conv2D(input=x, filter=w, strides=[1] * 4, padding='SAME'),
+         lambda: tf.raw_ops.Conv2DBackpropInput(input_sizes=x.shape, filter=w, out_backprop=g,
+                                                strides=[1] * 4, padding='SAME'),
+         lambda: tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=w.shape, out_backprop=g,
+                                                 strides=[1] * 4, padding='SAME'))
+  times = []
+  for op in ops:
+    op().numpy()  # Warm up.
+    start = time.perf_counter()
+    for _ in range(repeats):
+      out = op()
+    out.numpy()
+    times.append((time.perf_counter() - start) / repeats * 1e3)
+  return times
 
 
 def main(_):
@@ -56,7 +81,9 @@ def main(_):
     times = [_ms(f, x, w, repeats=FLAGS.repeats) for f in (forward, dx, dw, dw_chunks)]
     print(f'{channels:4d} channels {size:2d}x{size:<2d}  forward {times[0]:7.2f}  '
           f'dx {times[1]:7.2f}  dw {times[2]:7.2f}  (dw / forward {times[2] / times[0]:.1f})  '
-          f'dw chunks {times[3]:7.2f}')
+          f'dw chunks {times[3]:7.2f}' + ('' if not FLAGS.tensorflow else
+          '   tensorflow: forward {:7.2f}  dx {:7.2f}  dw {:7.2f}'.format(
+              *_tf_ms(x, w, FLAGS.repeats))))
 
 
 if __name__ == '__main__':

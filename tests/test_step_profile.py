@@ -1,0 +1,59 @@
+"""benchmarks/step_profile.py: XLA's profile of a real jitted step, filed by what each op does."""
+
+import collections
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from barlow_jax.models import conv as conv_lib
+from conftest import REPO
+
+
+def _load(name):
+  # benchmarks/ is not an installed package: load the script by its path.
+  spec = importlib.util.spec_from_file_location(f'benchmarks_{name}',
+                                                REPO / 'benchmarks' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+step_profile = _load('step_profile')
+
+
+def test_a_conv_net_step_is_filed_by_role_and_the_groups_add_up():
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def loss(params, x):
+    h = jax.nn.relu(conv_lib.conv_general_dilated(x, params['w'], (1, 1), ((1, 1), (1, 1)),
+                                                  dimension_numbers=dn, kernel_grad_chunk=4))
+    return jnp.sum((h.reshape(h.shape[0], -1) @ params['v']) ** 2)
+
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=(3, 3, 8, 8)), jnp.float32) * 0.1,
+            'v': jnp.asarray(rng.normal(size=(16 * 16 * 8, 32)), jnp.float32) * 0.01}
+  x = jnp.asarray(rng.normal(size=(16, 16, 16, 8)), jnp.float32)
+  step = jax.jit(jax.grad(loss))
+  hlo_text = step.lower(params, x).compile().as_text()
+  jax.block_until_ready(step(params, x))
+
+  groups = step_profile.op_groups(hlo_text)
+  entry = hlo_text[hlo_text.index('ENTRY'):]
+  convs = collections.Counter(groups[name] for name in
+                              re.findall(r'%([\w.\-]+) = \S+ convolution\(', entry))
+  # One forward convolution; the kernel gradient of 16 examples in chunks of 4 (no input
+  # gradient: x is not differentiated).
+  assert convs == {'convolution, forward': 1, 'convolution, backward': 4}
+  assert all(groups[name] == 'matmuls' for name in re.findall(r'%([\w.\-]+) = \S+ dot\(', entry))
+  result = step_profile.profile(lambda: step(params, x), hlo_text, steps=3)
+  ms = result['groups_ms']
+  assert ms['convolution, forward'] > 0 and ms['convolution, backward'] > 0
+  assert ms['matmuls'] > 0 and ms['collectives'] == 0
+  # The kernel gradient's chunks read transposed activations (XLA:CPU's backprop filter).
+  assert ms['layout transposes'] > 0
+  assert abs(sum(ms.values()) - result['op_ms_per_step']) < 1e-6
+  assert abs(sum(result['share'].values()) - 1) < 1e-9
+  assert result['wall_ms_per_step'] > 0
