@@ -38,9 +38,6 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', 'configs/cifar_bt_cpu.py', 'Config file.',
-                                lock_config=True)
-flags.DEFINE_integer('steps', 5, 'Traced steps, after two untraced ones.')
 FLAGS = flags.FLAGS
 
 GROUPS = ('convolution, forward', 'convolution, backward', 'layout transposes', 'matmuls',
@@ -114,8 +111,16 @@ def profile(run_step, hlo_text: str, steps: int) -> dict:
           'op_ms_per_step': total / steps / 1e3, 'wall_ms_per_step': wall / steps * 1e3}
 
 
+def _define_flags():
+  """The command line; defined only when run as a script, so tests can import the module."""
+  config_flags.DEFINE_config_file('config', 'configs/cifar_bt_cpu.py', 'Config file.',
+                                  lock_config=True)
+  flags.DEFINE_integer('steps', 5, 'Traced steps, after two untraced ones.')
+
+
 def main(_):
-  from benchmarks import pretraining_step  # Needs the config's JAX setup only when run.
+  # Imported here: tests load this file by its path, where `benchmarks` is no package.
+  from benchmarks import pretraining_step
   config = FLAGS.config
   state, step, batch, _ = pretraining_step.build(config)
   holder = {'state': state}
@@ -140,4 +145,5 @@ def main(_):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
