@@ -24,12 +24,11 @@ FLAGS = flags.FLAGS
 
 
 def make_run_steps(config):
-  state, step, batch, _ = pretraining_step.build(config)
-  holder = {'state': state}
+  live_step = pretraining_step.LiveStep(config)
 
   def run_steps(steps: int) -> None:
     for _ in range(steps):
-      holder['state'], metrics = step(holder['state'], batch)
+      metrics = live_step()
     jax.block_until_ready(metrics)
 
   return run_steps

@@ -30,3 +30,21 @@ def build(config):
   batch = {'image': jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8), sharding),
            'label': jax.device_put(rng.integers(0, 10, n).astype(np.int32), sharding)}
   return state, step, batch, crops
+
+
+class LiveStep:
+  """The pretraining step on its own state: each call runs one step and keeps the new state.
+
+  The step donates the state it is given, so the live one is always ``self.state``.
+  """
+
+  def __init__(self, config):
+    self.state, self.step, self.batch, self.crops = build(config)
+
+  def __call__(self):
+    """One step; returns its metrics (asynchronously, as the step does)."""
+    self.state, metrics = self.step(self.state, self.batch)
+    return metrics
+
+  def compiled_text(self) -> str:
+    return self.step.lower(self.state, self.batch).compile().as_text()

@@ -122,14 +122,8 @@ def main(_):
   # Imported here: tests load this file by its path, where `benchmarks` is no package.
   from benchmarks import pretraining_step
   config = FLAGS.config
-  state, step, batch, _ = pretraining_step.build(config)
-  holder = {'state': state}
-
-  def run_step():
-    holder['state'], metrics = step(holder['state'], batch)
-    return metrics
-
-  hlo_text = step.lower(state, batch).compile().as_text()
+  run_step = pretraining_step.LiveStep(config)
+  hlo_text = run_step.compiled_text()
   for _ in range(2):  # Compile and warm up.
     jax.block_until_ready(run_step())
   result = profile(run_step, hlo_text, FLAGS.steps)

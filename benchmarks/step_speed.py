@@ -40,12 +40,8 @@ def _time(fn, steps):
 def main(_):
   config = FLAGS.config
   n = config.batch_size
-  state, step, batch, crops = pretraining_step.build(config)
-  holder = {'state': state}
-
-  def full_step():
-    holder['state'], metrics = step(holder['state'], batch)
-    return metrics
+  full_step = pretraining_step.LiveStep(config)
+  batch, crops = full_step.batch, full_step.crops
 
   view = augment.view_from_config(config.augment.view1)
   keys = jax.random.split(jax.random.PRNGKey(0), n)
@@ -56,12 +52,12 @@ def main(_):
   fwd = jax.jit(lambda v, x: single.apply(v, x, train=False)['embeddings'])
 
   def forward():  # Reads the live state: the train step donates the old one.
-    s = holder['state']
+    s = full_step.state
     return fwd({'params': s.params, 'batch_stats': s.batch_stats}, x)
 
   # What the compiled step moves between devices per step (0 on one device).
-  moved = compiled_cost.collectives(step.lower(state, batch).compile().as_text())
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  moved = compiled_cost.collectives(full_step.compiled_text())
+  num_params = sum(x.size for x in jax.tree.leaves(full_step.state.params))
   print('communication per step: ' + ', '.join(
       f"{k} {v['ops']} ops {v['bytes'] / 2**20:.2f} MiB" for k, v in moved.items() if v['ops'])
         + f"; all-reduced floats / parameters = {moved['all-reduce']['elements'] / num_params:.3f}")
