@@ -38,12 +38,14 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from barlow_jax import compiled_cost
+
 FLAGS = flags.FLAGS
 
 GROUPS = ('convolution, forward', 'convolution, backward', 'layout transposes', 'matmuls',
           'collectives', 'elementwise + reductions')
-_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
-                'collective-permute')
+# An instruction and its opcode; a result may be a tuple of shapes (combined collectives).
+_INSTRUCTION = r'%([\w.\-]+) = (?:\(.*?\)|\S+) ([\w\-]+)\('
 
 
 def _computations(hlo_text: str) -> dict:
@@ -56,22 +58,21 @@ def op_groups(hlo_text: str) -> dict:
   """Instruction name -> group (one of GROUPS) for every instruction of the entry program."""
   bodies = _computations(hlo_text)
   groups = {}
-  pattern = r'^\s+(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$'
-  for m in re.finditer(pattern, hlo_text, re.M):
-    name, opcode, rest = m.group(1), m.group(3), m.group(4)
+  for m in re.finditer(r'^\s+(?:ROOT )?' + _INSTRUCTION + '(.*)$', hlo_text, re.M):
+    name, opcode, rest = m.groups()
     called = re.search(r'calls=%([\w.\-]+)', rest)
     body = bodies.get(called.group(1), '') if called else ''
     op_name = re.search(r'op_name="([^"]*)"', rest)
     op_name = op_name.group(1) if op_name else ''
-    ops = set(re.findall(r' = \S+ ([\w\-]+)\(', body)) | {opcode}
-    root = re.search(r'ROOT %\S+ = \S+ ([\w\-]+)\(', body)
-    if any(c in ops for c in _COLLECTIVES) or re.sub(r'-(start|done)$', '', opcode) in _COLLECTIVES:
+    ops = {op for _, op in re.findall(_INSTRUCTION, body)} | {opcode}
+    root = re.search(r'ROOT ' + _INSTRUCTION, body)
+    if any(re.sub(r'-(start|done)$', '', op) in compiled_cost.COLLECTIVES for op in ops):
       group = 'collectives'
     elif 'convolution' in ops:
       group = 'convolution, backward' if 'transpose(' in op_name else 'convolution, forward'
     elif 'dot' in ops:
       group = 'matmuls'
-    elif root and root.group(1) in ('transpose', 'copy') and 'transpose' in ops:
+    elif root and root.group(2) in ('transpose', 'copy') and 'transpose' in ops:
       group = 'layout transposes'
     else:
       group = 'elementwise + reductions'

@@ -57,3 +57,22 @@ def test_a_conv_net_step_is_filed_by_role_and_the_groups_add_up():
   assert abs(sum(ms.values()) - result['op_ms_per_step']) < 1e-6
   assert abs(sum(result['share'].values()) - 1) < 1e-9
   assert result['wall_ms_per_step'] > 0
+
+
+def test_a_combined_all_reduce_on_eight_devices_is_filed_and_timed_as_a_collective():
+  mesh = jax.make_mesh((8,), ('data',))
+  sharding = jax.NamedSharding(mesh, jax.P('data'))
+  # psum of two arrays: XLA combines them into one all-reduce whose result is a tuple of shapes.
+  step = jax.jit(jax.shard_map(lambda a, b: jax.lax.psum((a * 2, b * 3), 'data'), mesh=mesh,
+                               in_specs=(jax.P('data'), jax.P('data')),
+                               out_specs=(jax.P(), jax.P())))
+  a = jax.device_put(jnp.ones((8, 4)), sharding)
+  b = jax.device_put(jnp.ones((8, 6)), sharding)
+  hlo_text = step.lower(a, b).compile().as_text()
+  names = re.findall(r'%([\w.\-]+) = \([^)]*\) all-reduce\(', hlo_text)
+  assert names, 'expected one tuple-shaped all-reduce in the program'
+  groups = step_profile.op_groups(hlo_text)
+  assert all(groups[name] == 'collectives' for name in names)
+  jax.block_until_ready(step(a, b))
+  result = step_profile.profile(lambda: step(a, b), hlo_text, steps=3)
+  assert result['groups_ms']['collectives'] > 0
