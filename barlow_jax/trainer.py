@@ -156,15 +156,15 @@ def _restore_or_init(config, workdir: str, model, tx: optax.GradientTransformati
                      init_variables: Optional[dict], allow_config_change: bool):
   """The run's Orbax manager and state: its latest checkpoint restored, or a new state.
 
-  The config the run recorded is compared with ``config`` before anything is
-  restored (workdir.check_resume: a change is refused unless allowed), and
+  Where to start is decided once for all processes (workdir.agree_on_start)
+  before they create the manager together. The config the run recorded is
+  compared with ``config`` before anything is restored (a change is refused
+  unless allowed), and
   config.json (a new run) or the accepted change (config_changes.json) is
   written only once the state is restored: a refusal or a failed restore
   (bad input) changes nothing in the workdir.
   """
-  steps = checkpoint.saved_steps(workdir)
-  resume_step = steps[-1] if steps else None
-  differences = workdir_lib.check_resume(workdir, config, resume_step, allow_config_change)
+  resume_step, differences = workdir_lib.agree_on_start(workdir, config, allow_config_change)
   mngr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
   init = functools.partial(create_train_state, model, tx, mesh, config.seed,
                            config.augment.crop_size, init_variables)

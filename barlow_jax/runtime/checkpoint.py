@@ -15,6 +15,7 @@ another run's encoder (linear probe, fine-tuning) opens that workdir read-only
 """
 
 import contextlib
+import logging as logging_std
 from typing import Any, Optional
 
 from absl import logging
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from barlow_jax.errors import CheckpointError
+from barlow_jax.runtime import distributed
 from barlow_jax.runtime import mesh as mesh_lib
 
 CHECKPOINTS = 'checkpoints'  # Sub-directory of the workdir.
@@ -33,8 +35,15 @@ COMMIT_FILE = 'commit_success.txt'  # The last file of a checkpoint Orbax writes
 _CHECKED = ('params', 'batch_stats')
 
 
+def _not_read_only_notice(record: logging_std.LogRecord) -> bool:
+  return not str(record.msg).startswith('Given directory is read only')
+
+
 def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   """The Orbax manager of ``workdir``/checkpoints (asynchronous saves).
+
+  Creating a writable manager is collective (every process, in the same order):
+  Orbax creates the directory on process 0 behind a barrier.
 
   Args:
     workdir: the run's directory.
@@ -48,9 +57,15 @@ def manager(workdir: str, max_to_keep: int = 3, read_only: bool = False) -> ocp.
       # Partial saves of a run that was killed or failed (``<step>.orbax-checkpoint-tmp*``).
       cleanup_tmp_directories=not read_only)
   # The explicit handler lets a fresh manager read item metadata (shapes)
-  # before restoring.
-  return ocp.CheckpointManager(checkpoints_dir(workdir),
-                               options=options, item_handlers=ocp.StandardCheckpointHandler())
+  # before restoring. Orbax warns on every read-only manager, which here is
+  # always on purpose (another run's workdir): the warning is dropped.
+  absl_logger = logging_std.getLogger('absl')
+  absl_logger.addFilter(_not_read_only_notice)
+  try:
+    return ocp.CheckpointManager(checkpoints_dir(workdir),
+                                 options=options, item_handlers=ocp.StandardCheckpointHandler())
+  finally:
+    absl_logger.removeFilter(_not_read_only_notice)
 
 
 def checkpoints_dir(workdir) -> epath.Path:
@@ -206,20 +221,23 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
 
 
 def saved_steps(workdir: str) -> list[int]:
-  """The complete checkpoints of ``workdir``, oldest first; nothing is created or deleted."""
-  if not checkpoints_dir(workdir).is_dir():
-    return []
-  mngr = manager(workdir, read_only=True)
-  try:
-    return sorted(mngr.all_steps())
-  finally:
-    mngr.close()
+  """The complete checkpoints of ``workdir``, oldest first; nothing is created or deleted.
+
+  Read by this process alone: in a multi-process run, a decision taken on it
+  goes through ``distributed.agree`` (see workdir.agree_on_start).
+  """
+  return complete_steps(checkpoints_dir(workdir))
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: Any) -> Any:
-  """The workdir's latest checkpoint restored into ``state``, or ``state`` if there is none."""
-  step = mngr.latest_step()
-  if step is None:
+  """The workdir's latest checkpoint restored into ``state``, or ``state`` if there is none.
+
+  The step is the one process 0 sees (``distributed.agree``): every process
+  restores the same one, or none.
+  """
+  step = distributed.agree(lambda: (complete_steps(mngr.directory) or [-1])[-1],
+                          'finding the latest checkpoint')
+  if step < 0:
     return state
   logging.info('Resuming from checkpoint step %d in %s.', step, mngr.directory)
   return restore(mngr, step, state)

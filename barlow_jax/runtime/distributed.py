@@ -50,6 +50,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from barlow_jax.errors import BadInput
 from barlow_jax.errors import EXIT_PREEMPTED
 from barlow_jax.errors import WorkdirError
 
@@ -331,6 +332,54 @@ def _acquire_lock(workdir: str) -> tuple[Optional[Callable[[], None]], str]:
   return release, ''
 
 
+# agree's outcomes on the processes that did not decide.
+_AGREED, _REFUSED, _FAILED = 0, 1, 2
+
+
+def agree(decide: Callable[[], int], what: str) -> int:
+  """``decide()`` run on process 0 only; its answer (or its refusal) on every process.
+
+  Whatever depends on what a shared workdir holds (the lock, the step to resume
+  from, whether the recorded config allows resuming) is read once, here.
+  Processes that read it themselves see it before or after process 0 changes
+  it (creating ``checkpoints/``, writing config.json) depending on timing and
+  the filesystem's visibility, take different paths, and meet in different
+  collectives (Orbax's ``sync_global_devices name mismatch``).
+
+  Args:
+    decide: returns an int32-sized int; may raise.
+    what: what is decided (a noun phrase: 'locking workdir x'), for the other
+      processes' error message.
+
+  Returns:
+    Process 0's answer.
+
+  Raises:
+    On process 0, what ``decide`` raised; on the others WorkdirError (exit 2)
+    when it was bad input (errors.BadInput), else RuntimeError.
+  """
+  if jax.process_count() == 1:
+    return decide()
+  answer, outcome, error = 0, _AGREED, None
+  if jax.process_index() == 0:
+    try:
+      answer = decide()
+    except Exception as e:  # pylint: disable=broad-except  # Re-raised below, after telling the others.
+      outcome, error = (_REFUSED if isinstance(e, BadInput) else _FAILED), e
+  # A barrier of the coordination service first: the broadcast is a device
+  # collective whose gloo rendezvous would time out on a process still starting.
+  wait_for_all_processes(f'agree/{what}')
+  outcome, answer = (int(x) for x in multihost_utils.broadcast_one_to_all(
+      np.array([outcome, answer], np.int32)))
+  if error is not None:
+    raise error
+  if outcome == _REFUSED:
+    raise WorkdirError(f'process 0 refused the start ({what}); see its message.')
+  if outcome == _FAILED:
+    raise RuntimeError(f'process 0 failed ({what}); see its message.')
+  return answer
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
   """Holds an exclusive lock on ``workdir`` for the duration of the block.
@@ -338,8 +387,8 @@ def workdir_lock(workdir: str) -> Iterator[None]:
   A local workdir is flock-ed, a remote one (``gs://``) leased (module docstring).
 
   Process 0 takes the lock (processes of a multi-host run share the workdir);
-  its answer is broadcast so that every process stops if it failed, instead of
-  waiting in a collective for a process that has left.
+  its answer is agreed (``agree``) so that every process stops if it failed,
+  instead of waiting in a collective for a process that has left.
 
   Args:
     workdir: the run's working directory; created if missing.
@@ -348,14 +397,16 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     WorkdirError: the workdir cannot be created or written, or another live
       run holds it.
   """
-  release, problem = _acquire_lock(workdir) if jax.process_index() == 0 else (None, '')
-  if jax.process_count() > 1:
-    wait_for_all_processes('workdir_lock')
-    ok = multihost_utils.broadcast_one_to_all(np.int32(not problem))
-    if not ok and not problem:
-      problem = f'process 0 could not lock workdir {workdir!r} (see its message).'
-  if problem:
-    raise WorkdirError(problem)
+  release = None
+
+  def take() -> int:
+    nonlocal release
+    release, problem = _acquire_lock(workdir)
+    if problem:
+      raise WorkdirError(problem)
+    return 0
+
+  agree(take, f'locking workdir {workdir!r}')
   global _release_lock
   _release_lock = release
   try:

@@ -31,6 +31,8 @@ import jax
 import ml_collections
 
 from barlow_jax.errors import ConfigChangedError, WorkdirError
+from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import distributed
 
 CONFIG = 'config.json'
 CONFIG_CHANGES = 'config_changes.json'
@@ -213,6 +215,37 @@ def check_resume(workdir: str, config, step: Optional[int], allow_change: bool) 
         workdir, f'a run (latest checkpoint: step {step})', differences,
         f'continue this run under the new config from step {step}'))
   return differences
+
+
+def agree_on_start(workdir: str, config, allow_change: bool) -> tuple[Optional[int], list]:
+  """Where a run starts: its newest complete checkpoint, once the recorded config allows it.
+
+  Decided on process 0 from what the workdir holds, and agreed by every process
+  (``distributed.agree``): each process reading the workdir itself would race
+  with process 0 creating ``checkpoints/`` and writing config.json.
+
+  Args:
+    workdir: the run's directory.
+    config: the config to start or resume with.
+    allow_change: accept a changed config (--allow_config_change) instead of refusing.
+
+  Returns:
+    (step to resume from or None for a new run, the config differences for
+    ``record_start``; [] on processes other than 0, which write nothing).
+
+  Raises:
+    ConfigChangedError (on process 0; WorkdirError on the others): see check_resume.
+  """
+  differences = []
+
+  def decide() -> int:
+    nonlocal differences
+    steps = checkpoint.saved_steps(workdir)
+    differences = check_resume(workdir, config, steps[-1] if steps else None, allow_change)
+    return steps[-1] if steps else -1
+
+  step = distributed.agree(decide, f'reading the checkpoints and config of {workdir}')
+  return (None if step < 0 else step), differences
 
 
 def record_start(workdir: str, config, step: Optional[int], differences) -> None:

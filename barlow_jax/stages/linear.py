@@ -30,7 +30,6 @@ from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import metrics
 from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
-from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import pretrain
@@ -101,9 +100,10 @@ def check_splits(config, encoder: pretrain.Pretrained):
 
 def record_config(config, workdir: str, allow_config_change: bool) -> None:
   """config.json of the probe; the augmented probe resumes its head only under the same config."""
-  steps = checkpoint.saved_steps(workdir) if config.probe.augment else []
-  resume_step = steps[-1] if steps else None
-  differences = workdir_lib.check_resume(workdir, config, resume_step, allow_config_change)
+  if config.probe.augment:
+    resume_step, differences = workdir_lib.agree_on_start(workdir, config, allow_config_change)
+  else:
+    resume_step, differences = None, []
   workdir_lib.record_start(workdir, config, resume_step, differences)
 
 
