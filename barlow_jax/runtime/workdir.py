@@ -240,6 +240,30 @@ def record_start(workdir: str, config, step: Optional[int], differences) -> None
                json.dumps(config_changes(workdir) + [change], indent=2))
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A Markdown table, the one way results.md files and the notebook build theirs.
+
+  Args:
+    headers: the column titles.
+    rows: the cells of each row: strings as they are, floats with 4
+      significant digits, tuples (shapes) as 3x3x3x8.
+
+  Returns:
+    The table's lines, without a final newline.
+  """
+
+  def cell(x):
+    if isinstance(x, float):
+      return f'{x:.4g}'
+    if isinstance(x, tuple):
+      return 'x'.join(map(str, x)) or 'scalar'
+    return str(x)
+
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(cell(x) for x in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
 def write_results(workdir: str, results: dict, markdown: str) -> None:
   """results.md, then results.json (last: its presence marks the run done); process 0 only."""
   if jax.process_index() > 0:

@@ -267,19 +267,17 @@ def write_results(results: dict, workdir: str) -> None:
            f"{m['encoder']} width {m['width']}, {results['dataset']} "
            f"({results['train_split']}, fraction {results['fraction']}, {results['num_train']} "
            f"images), {results['num_branches']} branch(es), ablation {results['ablation']}, "
-           f"{results['num_steps']} steps ({results['epochs']:.2f} epochs).", '',
-           '| split | top-1 | top-5 | micro | macro-F1 | examples |', '|---|---|---|---|---|---|']
+           f"{results['num_steps']} steps ({results['epochs']:.2f} epochs).", '']
   if results['train']['num_examples'] != results['num_train']:
     # A fraction (or an added unlabelled split): the train row is not the trained-on set.
-    lines[4:4] = [f"The train row is every labelled image of eval.train_split "
-                  f"({results['train']['num_examples']}), not only the {results['num_train']} "
-                  "trained on.", '']
+    lines += [f"The train row is every labelled image of eval.train_split "
+              f"({results['train']['num_examples']}), not only the {results['num_train']} "
+              "trained on.", '']
   names = {'train': 'train', 'train_labelled': 'train, the labelled fraction trained on',
            'test': 'test', 'aug_test': 'augmented test'}
-  for k in ('train', 'train_labelled', *SPLITS[1:]):
-    if k not in results:
-      continue
-    r = results[k]
-    lines.append(f"| {names[k]} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | "
-                 f"{100 * r['micro']:.2f} | {100 * r['macro']:.2f} | {r['num_examples']} |")
+  rows = [(names[k], *(f'{100 * results[k][m]:.2f}' for m in ('top1', 'top5', 'micro', 'macro')),
+           results[k]['num_examples'])
+          for k in ('train', 'train_labelled', *SPLITS[1:]) if k in results]
+  lines.append(workdir_lib.markdown_table(
+      ('split', 'top-1', 'top-5', 'micro', 'macro-F1', 'examples'), rows))
   workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')
