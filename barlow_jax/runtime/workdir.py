@@ -12,7 +12,7 @@ config on the keys that change what a run computes (``finished_results``).
 ``config.json`` is the config a run started with; it is never rewritten while
 the run has checkpoints. Resuming compares it with the new config first
 (``check_resume``): any difference outside ``FREE_KEYS`` (where the data is,
-how often the run logs and saves, the kNN monitor) would mix two runs and is
+how often and where the run logs and saves, the kNN monitor) would mix two runs and is
 refused, unless the user allows it (``--allow_config_change``); an accepted
 change is appended to ``config_changes.json`` (step, differing keys, the
 whole new config), and the config a run follows is then the latest one there
@@ -39,7 +39,7 @@ RESULTS_MD = 'results.md'
 # Config keys (a trailing '.': every key under it) whose value does not change
 # what a run computes, so they may differ between a run and its resumption.
 FREE_KEYS = ('data_dir', 'download', 'cache_dataset', 'log_every', 'checkpoint.every_steps',
-             'checkpoint.max_to_keep', 'knn_monitor.')
+             'checkpoint.max_to_keep', 'knn_monitor.', 'logging.')
 # The run's length: a change is a meaningful one (the learning-rate schedule
 # is computed over the length), allowed only with --allow_config_change.
 LENGTH_KEYS = ('num_epochs', 'num_steps')

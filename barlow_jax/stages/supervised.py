@@ -31,7 +31,6 @@ from typing import Optional
 
 from absl import logging
 from etils import epath
-from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
@@ -49,6 +48,7 @@ from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.runtime import writers
 from barlow_jax.runtime.mesh import DATA_AXIS
 
 CONSOLE_KEYS = ('loss', 'ce1', 'ce2', 'bt_loss', 'accuracy', 'learning_rate')
@@ -227,7 +227,7 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.gamma, config.lambd),
                       data, mesh, num_views=config.num_branches, console_keys=CONSOLE_KEYS,
                       init_variables=init_variables, allow_config_change=allow_config_change)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config)
   try:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     fns = predict_fns(config, model)
