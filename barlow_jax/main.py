@@ -10,7 +10,7 @@ installation (``--config=cifar_bt_cpu``); override any value with
 
 Re-running a workdir resumes it, but only under the config it recorded: a
 difference in a key that changes what the run computes (anything but where
-the data is, how often it logs and saves, the kNN monitor) exits 2 listing
+the data is, how often and where it logs and saves, the kNN monitor) exits 2 listing
 the keys, unless ``--allow_config_change`` (the change is then appended to
 <workdir>/config_changes.json; config.json is kept).
 
