@@ -7,10 +7,10 @@ absl's one Python logger ('absl'), as barlow_jax does, so a logger level cannot
 tell them apart: a filter on that logger keeps INFO records whose source file
 is in this package. Named Python loggers (JAX's backend probe, TensorFlow)
 are set to WARNING, or ERROR for the backend probe ("Unable to initialize
-backend 'tpu'" on every machine without one), and TensorFlow's C++ log level
-(TF_CPP_MIN_LOG_LEVEL, read when TensorFlow loads) to warnings. Passing absl's
-own ``--verbosity`` (e.g. ``--verbosity=1``) leaves every level as absl sets
-it: all of it comes back.
+backend 'tpu'" on every machine without one), and the C++ log level of
+TensorFlow and XLA (TF_CPP_MIN_LOG_LEVEL, read when they load) to warnings.
+Passing absl's own ``--verbosity`` (e.g. ``--verbosity=1``) leaves every
+Python level as absl sets it and the C++ level at INFO: all of it comes back.
 """
 
 import logging
@@ -28,12 +28,15 @@ def verbosity_requested(argv: Sequence[str]) -> bool:
 
 
 def quiet_native_logs(argv: Sequence[str]) -> None:
-  """TensorFlow's C++ INFO lines off, unless asked for; call before TensorFlow loads.
+  """The C++ INFO lines of TensorFlow and XLA off, unless asked for; call before JAX or TF loads.
 
-  A TF_CPP_MIN_LOG_LEVEL already in the environment is kept.
+  Both read TF_CPP_MIN_LOG_LEVEL once, when they load. Quiet: 2 (warnings
+  and errors only: TensorFlow's "oneDNN custom operations are on" and CPU
+  feature notices go). With ``--verbosity``: 0, every line, which also keeps
+  JAX's own default (1, set on import) from hiding them. A value already in
+  the environment is kept either way.
   """
-  if not verbosity_requested(argv):
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '0' if verbosity_requested(argv) else '2')
 
 
 def _from_this_package(record: logging.LogRecord) -> bool:

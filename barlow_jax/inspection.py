@@ -45,21 +45,6 @@ def batchnorm_table(stats) -> list[tuple]:
            float(var.max())) for layer, mean, var in stats]
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-  """A Markdown table; floats with 4 significant digits, shapes as 3x3x3x8."""
-
-  def cell(x):
-    if isinstance(x, float):
-      return f'{x:.4g}'
-    if isinstance(x, tuple):
-      return 'x'.join(map(str, x)) or 'scalar'
-    return str(x)
-
-  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
-  lines += ['| ' + ' | '.join(cell(x) for x in row) + ' |' for row in rows]
-  return '\n'.join(lines)
-
-
 def first_images(config, num: int, split: Optional[str] = None
                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """uint8 images, labels and class names of the first ``num`` examples of ``split``.

@@ -115,21 +115,6 @@ def cross_correlation_rows(z1n: jax.Array, z2n: jax.Array, axis_name: str) -> ja
   return _matmul_t(z1_cols, z2_all) / global_batch
 
 
-def barlow_twins_loss(
-    z1: jax.Array,
-    z2: jax.Array,
-    lambd: float = DEFAULT_LAMBDA,
-    axis_name: Optional[str] = None,
-    eps: float = BN_EPS,
-) -> jax.Array:
-  """Scalar Barlow Twins loss ``sum_i (1-C_ii)^2 + lambd * sum_{i!=j} C_ij^2``.
-
-  See ``barlow_twins_terms`` for the arguments.
-  """
-  terms = barlow_twins_terms(z1, z2, axis_name=axis_name, eps=eps)
-  return terms.on_diag + lambd * terms.off_diag
-
-
 def _sum(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
   return x.sum() if axis_name is None else lax.psum(x.sum(), axis_name)
 

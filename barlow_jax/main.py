@@ -10,7 +10,7 @@ installation (``--config=cifar_bt_cpu``); override any value with
 
 Re-running a workdir resumes it, but only under the config it recorded: a
 difference in a key that changes what the run computes (anything but where
-the data is, how often it logs and saves, the kNN monitor) exits 2 listing
+the data is, how often and where it logs and saves, the kNN monitor) exits 2 listing
 the keys, unless ``--allow_config_change`` (the change is then appended to
 <workdir>/config_changes.json; config.json is kept).
 
@@ -65,6 +65,7 @@ from barlow_jax import errors
 from barlow_jax.experiments import reproduce
 from barlow_jax.experiments import sweep
 from barlow_jax.runtime import distributed
+from barlow_jax.runtime import writers
 from barlow_jax.stages import baselines
 from barlow_jax.stages import finetune
 from barlow_jax.stages import linear
@@ -164,6 +165,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> None:
     if mode not in MODES:
       raise errors.ConfigError(f'config.mode={mode!r} is not one of {sorted(MODES)}.')
     absolute_paths(config)
+    writers.check(config)  # A missing W&B package or login: exit 2 now, not mid-run.
     with distributed.workdir_lock(workdir):
       MODES[mode](config, workdir, allow_config_change=allow_config_change)
     logging.info('Done: %s into %s.', mode, workdir)

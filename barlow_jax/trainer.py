@@ -29,7 +29,6 @@ import functools
 from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import optax
@@ -45,6 +44,7 @@ from barlow_jax.runtime import distributed
 from barlow_jax.runtime import loop
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.runtime import writers
 from barlow_jax.runtime.mesh import DATA_AXIS
 from barlow_jax.runtime.state import TrainState, create_train_state
 
@@ -213,7 +213,7 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
   tx, lr_schedule = optim.create_optimizer(config, length.steps_per_epoch, length.total_steps)
   mngr, state = _restore_or_init(config, workdir, model, tx, mesh, init_variables,
                                  allow_config_change)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config)
   start_step = int(state.step)
   logging.info('%d examples, %d steps/epoch, %d steps, start at %d; %d devices, %d processes.',
                data.num_global, length.steps_per_epoch, length.total_steps, start_step,

@@ -2,7 +2,7 @@ r"""Images/s of barlow_jax's train step beside the official PyTorch formulation 
 
   python -m benchmarks.compare_torch                       # the quick start (width 8, projector 1024^3)
   python -m benchmarks.compare_torch --config.model.width=64 \
-      --config.model.projector=2048-2048-2048              # the README's ResNet-18 reference
+      --config.model.projector=2048-2048-2048              # docs/performance.md's ResNet-18 reference
   python -m benchmarks.compare_torch --sides=jax,jax_xla_conv,torch,torch_1thread   # leads
 
 Each side (``--sides``, from SIDES) runs in its own process, built from the

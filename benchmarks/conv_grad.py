@@ -8,7 +8,7 @@ the input (dx) and with respect to the kernel (dw: XLA's; dw chunks: summed
 over chunks of models/conv.KERNEL_GRAD_CHUNK examples, what the encoders use
 on CPU), each its own jitted program. On accelerators the three are of the same order; on XLA:CPU the
 kernel gradient is what makes the backward pass several times the forward
-(README, "Tests and benchmarks"). With --tensorflow, the same three through
+(docs/performance.md). With --tensorflow, the same three through
 TensorFlow's CPU kernels (oneDNN, as torch's), for the side-by-side.
 """
 

@@ -2,7 +2,7 @@ r"""Images/s of the Barlow Twins train step, and of its parts, on the local devi
 
   python -m benchmarks.step_speed --config=configs/cifar_bt_cpu.py
   python -m benchmarks.step_speed --config=configs/cifar_bt_cpu.py \
-      --config.model.width=64 --config.model.projector=2048-2048-2048   # the README's ResNet-18 reference
+      --config.model.width=64 --config.model.projector=2048-2048-2048   # docs/performance.md's ResNet-18 reference
 
 Prints one line per measurement: the full step (augment + 2 forward/backward +
 loss + update), augmentation alone, and the encoder forward pass alone. Random

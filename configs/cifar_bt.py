@@ -76,8 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.view1 = dict(common)
   config.augment.view2 = dict(common)
 
-  # Online kNN monitor (barlow_jax/knn_monitor.py): every every_epochs epochs
-  # and at the end, frozen features of train_split (the memory bank) and
+  # Online kNN monitor (barlow_jax/evaluators/knn_monitor.py): every
+  # every_epochs epochs and at the end, frozen features of train_split (the memory bank) and
   # test_split with the current weights, weighted kNN top-1 logged as
   # monitor/knn_top1. 0 turns it off. Cost per firing: one inference pass over
   # both splits, here 20k images, ~7% of the 10 epochs of 5k images x 2 views
@@ -90,6 +90,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.knn_monitor.temperature = 0.07
 
   config.log_every = 100
+  # Scalars and images go to TensorBoard (<workdir>/events.*); wandb=True
+  # sends the same to Weights & Biases too (the [wandb] extra; run named after
+  # the workdir, a resume continues it; runtime/writers.py).
+  config.logging = ml_collections.ConfigDict()
+  config.logging.wandb = False
+  config.logging.wandb_project = 'barlow_jax'
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 2000
   config.checkpoint.max_to_keep = 3

@@ -7,8 +7,8 @@ cosine to 0, no weight decay, lr 0.002 for the backbone and 0.5 for the
 classifier (the official command for 1% of ImageNet), horizontal flip.
 The official recipe also takes a random resized crop (scale 0.08-1) of the
 224-px image; on 32-px CIFAR images that crop is what kept fine-tuning below
-the linear probe. Measured at CPU scale (README, "Ghosh et al.'s comparison at
-CPU scale"), 10% of CIFAR-10, an encoder pretrained 30 epochs on that 10%:
+the linear probe. Measured at CPU scale (docs/reproduce.md, "Ghosh et al.'s
+comparison at CPU scale"), 10% of CIFAR-10, an encoder pretrained 30 epochs on that 10%:
 linear probe 46.3%; fine-tuning with the crop 44.2% (60 epochs: 46.2%),
 without it 47.9%. ``--config.augment.view1.crop=1.0`` puts the crop back.
 
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   # 'linear_probe': the classifier starts from a linear probe on the labelled
   # images' clean features (stages/finetune.probe_classifier, LP-FT);
   # 'random': a fresh classifier, as the official evaluate.py. At CPU scale
-  # both end within 0.1 point of each other (README, fine-tuning).
+  # both end within 0.1 point of each other (docs/reproduce.md, fine-tuning).
   config.head_init = 'random'
   probe = cifar_linear.get_config().probe
   config.probe = ml_collections.ConfigDict(

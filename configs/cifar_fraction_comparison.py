@@ -8,7 +8,8 @@ all trained on the same fraction. This config runs every row
 (barlow_jax/experiments/reproduce.py), reusing finished runs, and writes the
 table with the paper's numbers beside ours: at scale 'full' the paper's
 setting (ResNet-50, 1000 epochs: GPU hours), at scale 'cpu' the laptop quick
-start's encoder on the fraction (README, "Reproducing Ghosh et al.").
+start's encoder on the fraction (docs/reproduce.md, "Ghosh et al.'s
+comparison at CPU scale").
 
 Expected (the paper, 10%): 66.44% (micro) for Barlow Twins, 38.72% for the
 best pixel baseline (random forest).

@@ -5,7 +5,7 @@ from its latest (or checkpoint_step) Orbax checkpoint. Features are computed
 once without augmentation and cached in memory; then a softmax classifier is
 trained on them for 100 epochs (SGD momentum 0.9, lr 0.3 cosine, weight decay
 1e-6, batch 256) on standardised features, and weighted kNN (k=20, 200,
-T=0.07) is run. Expected: see README ("what to expect on a laptop").
+T=0.07) is run. Expected: see the README, "What to expect on a laptop".
 
 With probe.augment=True the classifier is instead trained (same optimiser
 and schedule) on features of random-resized-crop + flip views of the train
@@ -55,6 +55,12 @@ def get_config():
   config.probe.view = dict(crop=1.0, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
                            flip=0.5, jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0)
 
+  # Scalars and images go to TensorBoard (<workdir>/events.*); wandb=True
+  # sends the same to Weights & Biases too (the [wandb] extra; run named after
+  # the workdir, a resume continues it; runtime/writers.py).
+  config.logging = ml_collections.ConfigDict()
+  config.logging.wandb = False
+  config.logging.wandb_project = 'barlow_jax'
   config.knn = ml_collections.ConfigDict()
   config.knn.k = (20, 200)
   config.knn.temperature = 0.07

@@ -9,7 +9,7 @@ a linear classifier on the encoder output (no 2048 layer, no embedding head).
 Recipe (the seed gives none): SGD momentum 0.9, lr 0.1 cosine, weight decay
 5e-4, batch 128, 100 epochs; random resized crop (scale 0.08-1) + flip, or
 nothing with ':noaug'. On a GPU: 4k steps of ResNet-50, minutes.
-Expected: see README, "Supervised learning with a Barlow Twins term".
+Expected: see docs/reproduce.md, "Ghosh et al.'s comparison at CPU scale".
 
   python -m barlow_jax.main --config=configs/cifar_supervised.py --config.fraction=0.1 --workdir=runs/sup10
   python -m barlow_jax.main --config=configs/cifar_supervised.py:noaug --config.fraction=0.1 --workdir=runs/sup10_noaug

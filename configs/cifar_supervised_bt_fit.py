@@ -18,7 +18,7 @@ on 2 idle cores (~385 img/s):
     on a cosine schedule (the thesis: 0.01 constant for 1000 epochs), the
     same for every gamma.
 
-Result and exact measurement: README, "Does CE + BT beat CE alone?".
+Result and exact measurement: docs/reproduce.md, "Does CE + BT beat CE alone?".
 
   python -m barlow_jax.main --config=configs/supervised_bt_sweep.py:cifar_supervised_bt_fit \
       --config.gammas=0,1e-3,1e-2 --config.num_seeds=3 --workdir=runs/sweep_fit

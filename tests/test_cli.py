@@ -16,6 +16,7 @@ import zipfile
 
 import pytest
 
+import wandb_records
 from conftest import DATA_DIR, REPO, assert_png_not_blank, needs_cifar10
 
 # What the libraries log at INFO on every run, kept off the console by default (console.py).
@@ -23,6 +24,8 @@ LIBRARY_NOISE = ('orbax', 'INFO:absl', 'Unable to initialize backend', 'xla_brid
                  'logging_writer.py', 'dataset_info.py', 'checkpoint_manager.py')
 # An absl-formatted Python log line: severity, date, time, thread, then file:line].
 LOG_LINE = re.compile(r'^([IWEF])\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\] ', re.M)
+# An INFO line of TensorFlow's or XLA's C++ logging (file.cc:line] or file.h:line]).
+NATIVE_INFO_LINE = re.compile(r'^I\d{4} [\d:.]+ +\d+ \S+\.(cc|h):\d+\] ', re.M)
 
 
 def _env() -> dict:
@@ -31,25 +34,26 @@ def _env() -> dict:
   return env
 
 
-def _run(workdir, *overrides, config=str(REPO / 'configs' / 'cifar_bt_cpu.py')):
+def _run(workdir, *overrides, config=str(REPO / 'configs' / 'cifar_bt_cpu.py'), env=None):
   """The CLI with cwd=workdir's parent (not the repository) and the config given by path."""
   cmd = [sys.executable, '-m', 'barlow_jax.main', f'--config={config}',
          f'--workdir={workdir}', f'--config.data_dir={DATA_DIR}', '--config.download=False',
          *overrides]
-  return subprocess.run(cmd, cwd=pathlib.Path(workdir).parent, env=_env(), capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(cmd, cwd=pathlib.Path(workdir).parent, env=env or _env(),
+                        capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope='module')
 def quick_start_run(tmp_path_factory):
-  """The quick-start command, 3 steps: (workdir, CompletedProcess)."""
+  """The quick-start command, 3 steps, logging to W&B offline too: (workdir, CompletedProcess)."""
   workdir = tmp_path_factory.mktemp('bt_cpu')
   result = _run(workdir, '--config.num_steps=3', '--config.log_every=1',
                 '--config.batch_size=64',  # Smaller batch: the CLI path, in less time.
                 '--config.train_split=train[:1024]',  # A small shuffle buffer to fill.
                 # The config's kNN monitor runs at the last step; on small splits here.
                 '--config.knn_monitor.train_split=train[:64]',
-                '--config.knn_monitor.test_split=test[:64]')
+                '--config.knn_monitor.test_split=test[:64]',
+                '--config.logging.wandb=True', env=dict(_env(), WANDB_MODE='offline'))
   return workdir, result
 
 
@@ -84,12 +88,21 @@ def test_quick_start_console_shows_this_projects_lines_only(quick_start_run):
 
 
 def test_verbosity_flag_brings_the_library_lines_back(tmp_path):
-  """absl's own --verbosity: JAX's backend probe is logged again (before the config's exit 2)."""
-  quiet, verbose = _run(tmp_path, '--config.lambd=-0.5'), _run(tmp_path, '--config.lambd=-0.5',
-                                                                 '--verbosity=1')
+  """absl's own --verbosity: JAX's backend probe and the C++ INFO lines come back.
+
+  Both runs exit 2 on the config after TensorFlow and JAX loaded, with no
+  TF_CPP_MIN_LOG_LEVEL in their environment (conftest sets one for the rest):
+  the CLI's own default is what is tested.
+  """
+  env = {k: v for k, v in _env().items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  quiet = _run(tmp_path, '--config.lambd=-0.5', env=env)
+  verbose = _run(tmp_path, '--config.lambd=-0.5', '--verbosity=1', env=env)
   assert quiet.returncode == verbose.returncode == 2
   assert 'xla_bridge.py' not in quiet.stderr and 'JAX process 0/1' in quiet.stderr
   assert "xla_bridge.py" in verbose.stderr and "Initializing backend 'cpu'" in verbose.stderr
+  # TensorFlow's and XLA's C++ INFO lines (oneDNN and CPU-feature notices, device counts).
+  assert not NATIVE_INFO_LINE.search(quiet.stderr + quiet.stdout), quiet.stderr[-3000:]
+  assert NATIVE_INFO_LINE.search(verbose.stderr), verbose.stderr[-3000:]
 
 
 def _images(workdir) -> dict:
@@ -115,6 +128,30 @@ def test_quick_start_writes_the_two_views_and_c_to_tensorboard(quick_start_run):
   # C of the 1024-d projector at the checkpoint (the last step): its first 128 dims, 2 px each.
   assert images[('pretrain/cross_correlation', 3)] == (256, 256, 3)
   assert len(images) == 2, images
+
+
+def _scalars(workdir) -> set:
+  """{(tag, step)} of the scalars in the TensorBoard event files."""
+  import tensorflow as tf  # Only for reading event files.
+  return {(value.tag, event.step) for path in glob.glob(str(workdir / 'events.out.tfevents*'))
+          for event in tf.compat.v1.train.summary_iterator(path) for value in event.summary.value
+          if value.metadata.plugin_data.plugin_name == 'scalars'}
+
+
+@needs_cifar10
+def test_quick_start_sends_tensorboards_scalars_and_images_to_wandb(quick_start_run):
+  """--config.logging.wandb=True: one W&B run named after the workdir, the same summaries."""
+  workdir, _ = quick_start_run
+  run, = wandb_records.offline_runs(workdir)
+  assert run['name'] == str(workdir)
+  logged = {(k, h['_step']) for h in run['history'] for k in h if not k.startswith('_')}
+  scalars = _scalars(workdir)
+  assert ('train/bt_loss', 3) in scalars and ('monitor/knn_top1', 3) in scalars
+  assert scalars <= logged, scalars - logged
+  # Images as W&B records them: <tag>/count, and a PNG per image under the run's files.
+  for tag, step in _images(workdir):
+    assert (f'{tag}/count', step) in logged
+    assert any(f.startswith(f'files/media/images/{tag}_{step}_') for f in run['files']), tag
 
 
 @needs_cifar10

@@ -9,6 +9,7 @@ from barlow_jax import inspection
 from barlow_jax import plots
 from barlow_jax.models import factory
 from barlow_jax.runtime import loop
+from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import pretrain
 from conftest import tiny_config
 
@@ -58,7 +59,7 @@ def test_batchnorm_table_against_numpy():
 
 
 def test_markdown_table():
-  text = inspection.markdown_table(['a', 'shape', 'x'], [('w', (3, 3, 8), 0.123456), ('b', (), 2)])
+  text = workdir_lib.markdown_table(['a', 'shape', 'x'], [('w', (3, 3, 8), 0.123456), ('b', (), 2)])
   assert text.splitlines() == ['| a | shape | x |', '|---|---|---|', '| w | 3x3x8 | 0.1235 |',
                                '| b | scalar | 2 |']
 

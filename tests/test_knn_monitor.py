@@ -1,4 +1,4 @@
-"""The online kNN monitor of pretraining (config.knn_monitor, barlow_jax/knn_monitor.py).
+"""The online kNN monitor of pretraining (config.knn_monitor, evaluators/knn_monitor.py).
 
 Reference: the values a run logs must equal kNN top-1 recomputed afterwards
 from the checkpoints saved at the same steps (restored from disk, not the

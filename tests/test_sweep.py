@@ -133,3 +133,46 @@ def test_sweep_config_names_the_run_config_and_is_validated():
   config.gammas = (0.0, -1.0)
   with pytest.raises(errors.ConfigError, match=r'config\.gammas=\(0\.0, -1\.0\)'):
     sweep.validate(config)
+
+
+def _summary(test_means: dict, std: float = 1.0, seeds=(0, 1, 2)) -> dict:
+  """summarize() of runs whose seeds spread ±std around the given test accuracies (percent)."""
+  offsets = (-std, 0.0, std)[:len(seeds)] if len(seeds) > 1 else (0.0,)
+  runs = {(g, s): {'train_accuracy': 0.9, 'test_accuracy': (mean + offsets[i]) / 100,
+                   'aug_test_accuracy': 0.5}
+          for g, mean in test_means.items() for i, s in enumerate(seeds)}
+  return sweep.summarize(runs, list(test_means), list(seeds))
+
+
+def _bold_columns(table: str) -> set:
+  """Indices of the columns with a bold cell, from the Markdown table's rows."""
+  rows = [line.split(' | ') for line in table.splitlines() if line.startswith('| Test Acc')]
+  return {i for row in rows for i, cell in enumerate(row) if cell.startswith('**')}
+
+
+def test_table_bolds_the_baseline_when_it_wins_and_says_gamma_does_not_beat_it():
+  # The case seen on a real tiny sweep: the best gamma > 0 (12.11) below the baseline (12.70).
+  summary = _summary({0.0: 12.70, 1e-3: 12.11, 1e-2: 11.50}, std=0.3)
+  text = sweep.markdown(summary, tiny_supervised_config())
+  assert _bold_columns(text) == {1}  # Column 0 is the row label; 1 is gamma = 0.
+  assert '**12.70 ± 0.30**' in text and '**12.11' not in text
+  # Difference -0.59; standard error sqrt((0.3^2 + 0.3^2) / 3) = 0.2449: -2.4 of them.
+  assert ('Best γ > 0 by mean test accuracy: 0.001, 12.11 against 12.70 for the baseline '
+          '(γ = 0): it does not beat the baseline (-0.59 points, -2.4 standard errors of the '
+          'difference; standard error 0.24).') in text
+
+
+def test_table_bolds_the_best_gamma_when_it_beats_the_baseline():
+  summary = _summary({0.0: 63.62, 1e-3: 64.00, 1e-2: 62.96}, std=0.5)
+  text = sweep.markdown(summary, tiny_supervised_config())
+  assert _bold_columns(text) == {2}
+  # Difference 0.38; standard error sqrt(2 * 0.25 / 3) = 0.4082: +0.9 of them.
+  assert 'it beats the baseline (+0.38 points, +0.9 standard errors' in text
+  assert '; standard error 0.41).' in text
+
+
+def test_table_with_one_seed_says_there_is_no_standard_error():
+  summary = _summary({0.0: 50.0, 1e-2: 51.0}, seeds=(0,))
+  text = sweep.markdown(summary, tiny_supervised_config())
+  assert _bold_columns(text) == {2}
+  assert 'it beats the baseline (+1.00 points; one seed, so no standard error).' in text

@@ -140,23 +140,6 @@ def _blend(x, other, factor):
   return jnp.clip(factor * x + (1.0 - factor) * other, 0.0, 1.0)
 
 
-def adjust_brightness(x, factor):
-  """torchvision's adjust_brightness: multiplies (blends with black)."""
-  return _blend(x, 0.0, factor)
-
-
-def adjust_contrast(x, factor):
-  """torchvision's adjust_contrast: blends with the mean of the grayscale image,
-  one scalar per image (dm-pix's adjust_contrast uses each channel's mean)."""
-  return _blend(x, jnp.mean(pix.rgb_to_grayscale(x)), factor)
-
-
-def adjust_saturation(x, factor):
-  """torchvision's adjust_saturation: blends with the grayscale image (dm-pix's
-  scales S in HSV instead)."""
-  return _blend(x, pix.rgb_to_grayscale(x, keep_dims=True), factor)
-
-
 def adjust_hue(x, delta):
   """torchvision's adjust_hue: shifts H by ``delta`` turns in HSV."""
   return jnp.clip(pix.adjust_hue(x, delta), 0.0, 1.0)

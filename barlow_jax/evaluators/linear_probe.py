@@ -13,7 +13,6 @@ import functools
 from typing import Optional
 
 from absl import logging
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +25,7 @@ from barlow_jax.data import pipeline
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import loop
 from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import writers
 
 
 def feature_standardizer(train_features: np.ndarray,
@@ -258,7 +258,7 @@ def train_augmented_probe(config, model, variables, data: pipeline.TrainData,
   batches = pipeline.prefetch_to_mesh(stream.as_numpy_iterator(), mesh_lib.batch_sharded(mesh))
   logging.info('Augmented probe: %d examples, %d steps of %d (%d epochs), start at %d.',
                data.num_global, total, batch_size, epochs, start)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config)
   # A line per epoch; one save, at the end.
   schedule = loop.Schedule(total, log_every=steps_per_epoch, save_every=total)
   progress = loop.Progress(total, batch_size, start, console_keys=('loss', 'accuracy'))

@@ -149,14 +149,14 @@ def table(fraction: float, pretrain_config, probe_results: dict, finetune_result
   lines = [f'# Ghosh, Ghosh & Das (2022) comparison, CIFAR-10, balanced {100 * fraction:g}% of train', '',
            'Test accuracy (%) on the full 10k test set. micro = accuracy, macro = macro-F1. '
            'Paper columns are its published Table 1 (ResNet-50; Barlow Twins 1000 epochs); the '
-           'paper has one supervised ResNet-50 row, shown beside both of ours.', '',
-           '| method | ours micro | ours macro | paper micro | paper macro | ours: model / length |',
-           '|---|---|---|---|---|---|']
+           'paper has one supervised ResNet-50 row, shown beside both of ours.', '']
   fmt = lambda v: '—' if v is None else f'{v:.2f}'
-  for name, key, ours, model in rows:
-    s = published.get(key, (None, None))
-    lines.append(f"| {name} | {fmt(ours and 100 * ours['micro'])} | "
-                 f"{fmt(ours and 100 * ours['macro'])} | {fmt(s[0])} | {fmt(s[1])} | {model} |")
+  cells = [(name, fmt(ours and 100 * ours['micro']), fmt(ours and 100 * ours['macro']),
+            *(fmt(x) for x in published.get(key, (None, None))), model)
+           for name, key, ours, model in rows]
+  lines.append(workdir_lib.markdown_table(
+      ('method', 'ours micro', 'ours macro', 'paper micro', 'paper macro', 'ours: model / length'),
+      cells))
   return '\n'.join(lines) + '\n'
 
 

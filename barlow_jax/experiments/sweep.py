@@ -117,32 +117,51 @@ def summarize(runs: dict, gammas: Sequence[float], seeds: Sequence[int]) -> dict
   return summary
 
 
+def best_column(summary: dict) -> float:
+  """The gamma with the highest mean test accuracy, the baseline (gamma = 0) included."""
+  return max(summary['gammas'], key=lambda g: summary['table'][f'{g:g}']['test_accuracy']['mean'])
+
+
+def verdict(summary: dict) -> str:
+  """In words: does the best gamma > 0 beat the baseline, and by how many standard errors.
+
+  Args:
+    summary: from ``summarize``, with a comparison (gamma = 0 and a gamma > 0 were run).
+  """
+  c = summary['comparison']
+  if c['difference_over_stderr'] is None:
+    spread = f"{c['difference']:+.2f} points; one seed, so no standard error"
+  else:
+    spread = (f"{c['difference']:+.2f} points, {c['difference_over_stderr']:+.1f} standard "
+              f"errors of the difference; standard error {c['stderr']:.2f}")
+  beats = 'beats' if c['difference'] > 0 else 'does not beat'
+  return (f"Best γ > 0 by mean test accuracy: {summary['best_gamma']:g}, {c['best']:.2f} against "
+          f"{c['baseline']:.2f} for the baseline (γ = 0): it {beats} the baseline ({spread}).")
+
+
 def markdown(summary: dict, config) -> str:
-  """The results table (rows: Train / Test / Aug-test accuracy; columns: gamma)."""
-  gammas = summary['gammas']
+  """The results table (rows: Train / Test / Aug-test accuracy; columns: gamma), then the verdict.
+
+  The column of the best mean test accuracy is bold, the baseline's included.
+  """
+  gammas, best = summary['gammas'], best_column(summary)
   head = [('γ = 0 (CE baseline)' if g == 0 else f'γ = {g:g}') for g in gammas]
-  m = config.model
-  lines = [f'# Supervised Barlow Twins sweep: {config.dataset}, {m.encoder} width {m.width}, '
-           f'ablation {config.get("ablation")}', '',
-           f'{len(summary["seeds"])} seeds ({summary["seeds"]}); mean ± sample std (ddof=1) of '
-           'accuracy in %, at the final step.', '',
-           '| | ' + ' | '.join(head) + ' |', '|---' * (len(gammas) + 1) + '|']
+  rows = []
   for key, label in METRICS:
     cells = []
     for g in gammas:
       s = summary['table'][f'{g:g}'][key]
-      best = summary['best_gamma'] is not None and g == summary['best_gamma']
       cell = f"{s['mean']:.2f} ± {s['std']:.2f}"
-      cells.append(f'**{cell}**' if best else cell)
-    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-  c = summary['comparison']
-  if c is not None:
-    ratio = (f", {c['difference_over_stderr']:.1f} standard errors"
-             if c['difference_over_stderr'] is not None else '')
-    lines += ['', f"Best γ by mean test accuracy: {summary['best_gamma']:g} (bold): "
-                  f"{c['best']:.2f} vs {c['baseline']:.2f} for the baseline, "
-                  f"difference {c['difference']:+.2f} points (standard error {c['stderr']:.2f}"
-                  f"{ratio})."]
+      cells.append(f'**{cell}**' if g == best else cell)
+    rows.append((label, *cells))
+  m = config.model
+  lines = [f'# Supervised Barlow Twins sweep: {config.dataset}, {m.encoder} width {m.width}, '
+           f'ablation {config.get("ablation")}', '',
+           f'{len(summary["seeds"])} seeds ({summary["seeds"]}); mean ± sample std (ddof=1) of '
+           'accuracy in %, at the final step; bold: the best mean test accuracy.', '',
+           workdir_lib.markdown_table(('', *head), rows)]
+  if summary['comparison'] is not None:
+    lines += ['', verdict(summary)]
   return '\n'.join(lines) + '\n'
 
 

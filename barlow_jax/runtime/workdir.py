@@ -12,7 +12,7 @@ config on the keys that change what a run computes (``finished_results``).
 ``config.json`` is the config a run started with; it is never rewritten while
 the run has checkpoints. Resuming compares it with the new config first
 (``check_resume``): any difference outside ``FREE_KEYS`` (where the data is,
-how often the run logs and saves, the kNN monitor) would mix two runs and is
+how often and where the run logs and saves, the kNN monitor) would mix two runs and is
 refused, unless the user allows it (``--allow_config_change``); an accepted
 change is appended to ``config_changes.json`` (step, differing keys, the
 whole new config), and the config a run follows is then the latest one there
@@ -41,7 +41,7 @@ RESULTS_MD = 'results.md'
 # Config keys (a trailing '.': every key under it) whose value does not change
 # what a run computes, so they may differ between a run and its resumption.
 FREE_KEYS = ('data_dir', 'download', 'cache_dataset', 'log_every', 'checkpoint.every_steps',
-             'checkpoint.max_to_keep', 'knn_monitor.')
+             'checkpoint.max_to_keep', 'knn_monitor.', 'logging.')
 # The run's length: a change is a meaningful one (the learning-rate schedule
 # is computed over the length), allowed only with --allow_config_change.
 LENGTH_KEYS = ('num_epochs', 'num_steps')
@@ -271,6 +271,30 @@ def record_start(workdir: str, config, step: Optional[int], differences) -> None
               'config': _as_json(config)}
     write_text(os.path.join(workdir, CONFIG_CHANGES),
                json.dumps(config_changes(workdir) + [change], indent=2))
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A Markdown table, the one way results.md files and the notebook build theirs.
+
+  Args:
+    headers: the column titles.
+    rows: the cells of each row: strings as they are, floats with 4
+      significant digits, tuples (shapes) as 3x3x3x8.
+
+  Returns:
+    The table's lines, without a final newline.
+  """
+
+  def cell(x):
+    if isinstance(x, float):
+      return f'{x:.4g}'
+    if isinstance(x, tuple):
+      return 'x'.join(map(str, x)) or 'scalar'
+    return str(x)
+
+  lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(cell(x) for x in row) + ' |' for row in rows]
+  return '\n'.join(lines)
 
 
 def write_results(workdir: str, results: dict, markdown: str) -> None:

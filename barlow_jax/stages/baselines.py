@@ -88,9 +88,10 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
     logging.info('%s: top-1 %.4f (%.0f s)', name, results[name]['top1'], time.time() - t0)
   lines = [f"# Raw-pixel baselines, {config.dataset}, {results['num_train']} training images "
            f"(balanced fraction {config.label_fraction})", '',
-           '| method | top-1 | micro | macro-F1 |', '|---|---|---|---|']
-  lines += [f"| {k} | {100 * v['top1']:.2f} | {100 * v['micro']:.2f} | {100 * v['macro']:.2f} |"
-            for k, v in results.items() if isinstance(v, dict)]
+           workdir_lib.markdown_table(
+               ('method', 'top-1', 'micro', 'macro-F1'),
+               [(k, *(f'{100 * v[m]:.2f}' for m in ('top1', 'micro', 'macro')))
+                for k, v in results.items() if isinstance(v, dict)])]
   workdir_lib.record_start(workdir, config, None, [])  # config.json: whose results these are.
   workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')
   return results

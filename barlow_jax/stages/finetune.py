@@ -66,7 +66,7 @@ def probe_classifier(config, encoder: pretrain.Pretrained, mesh) -> dict:
   the encoder towards fitting noise (Kumar et al. (2022), "Fine-Tuning can
   Distort Pretrained Features and Underperform Out-of-Distribution"). At CPU
   scale, 20 epochs from a random classifier ended 2 points below the linear
-  probe with the same encoder and labels (README).
+  probe with the same encoder and labels (docs/reproduce.md).
 
   Returns:
     {'kernel': [F, K], 'bias': [K]} of the classifier.

@@ -170,7 +170,8 @@ def write_results(results: dict, workdir: str, pretrained_config) -> None:
            f"{m.encoder} width {m.width}, projector {m.projector}, "
            f"{results['dataset']}, labels used: {results['num_train']} "
            f"(fraction {results['label_fraction']})", '',
-           '| classifier | top-1 | top-5 | micro | macro-F1 |', '|---|---|---|---|---|']
-  lines += [f"| {k} | {100 * v['top1']:.2f} | {100 * v['top5']:.2f} | {100 * v['micro']:.2f} | "
-            f"{100 * v['macro']:.2f} |" for k, v in rows]
+           workdir_lib.markdown_table(
+               ('classifier', 'top-1', 'top-5', 'micro', 'macro-F1'),
+               [(k, *(f'{100 * v[m]:.2f}' for m in ('top1', 'top5', 'micro', 'macro')))
+                for k, v in rows])]
   workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')

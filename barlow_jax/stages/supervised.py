@@ -31,7 +31,6 @@ from typing import Optional
 
 from absl import logging
 from etils import epath
-from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
@@ -49,6 +48,7 @@ from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.runtime import writers
 from barlow_jax.runtime.mesh import DATA_AXIS
 
 CONSOLE_KEYS = ('loss', 'ce1', 'ce2', 'bt_loss', 'accuracy', 'learning_rate')
@@ -227,7 +227,7 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.gamma, config.lambd),
                       data, mesh, num_views=config.num_branches, console_keys=CONSOLE_KEYS,
                       init_variables=init_variables, allow_config_change=allow_config_change)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config)
   try:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     fns = predict_fns(config, model)
@@ -267,19 +267,17 @@ def write_results(results: dict, workdir: str) -> None:
            f"{m['encoder']} width {m['width']}, {results['dataset']} "
            f"({results['train_split']}, fraction {results['fraction']}, {results['num_train']} "
            f"images), {results['num_branches']} branch(es), ablation {results['ablation']}, "
-           f"{results['num_steps']} steps ({results['epochs']:.2f} epochs).", '',
-           '| split | top-1 | top-5 | micro | macro-F1 | examples |', '|---|---|---|---|---|---|']
+           f"{results['num_steps']} steps ({results['epochs']:.2f} epochs).", '']
   if results['train']['num_examples'] != results['num_train']:
     # A fraction (or an added unlabelled split): the train row is not the trained-on set.
-    lines[4:4] = [f"The train row is every labelled image of eval.train_split "
-                  f"({results['train']['num_examples']}), not only the {results['num_train']} "
-                  "trained on.", '']
+    lines += [f"The train row is every labelled image of eval.train_split "
+              f"({results['train']['num_examples']}), not only the {results['num_train']} "
+              "trained on.", '']
   names = {'train': 'train', 'train_labelled': 'train, the labelled fraction trained on',
            'test': 'test', 'aug_test': 'augmented test'}
-  for k in ('train', 'train_labelled', *SPLITS[1:]):
-    if k not in results:
-      continue
-    r = results[k]
-    lines.append(f"| {names[k]} | {100 * r['top1']:.2f} | {100 * r['top5']:.2f} | "
-                 f"{100 * r['micro']:.2f} | {100 * r['macro']:.2f} | {r['num_examples']} |")
+  rows = [(names[k], *(f'{100 * results[k][m]:.2f}' for m in ('top1', 'top5', 'micro', 'macro')),
+           results[k]['num_examples'])
+          for k in ('train', 'train_labelled', *SPLITS[1:]) if k in results]
+  lines.append(workdir_lib.markdown_table(
+      ('split', 'top-1', 'top-5', 'micro', 'macro-F1', 'examples'), rows))
   workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')
