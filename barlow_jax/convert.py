@@ -57,6 +57,7 @@ STEP = 0  # The checkpoint's step: the file records none we could trust.
 # Keys of the accepted files that hold nothing of the encoder or projector.
 _IGNORED = re.compile(r'^(fc\.|bn\.)|num_batches_tracked$')
 _SHOWN = 10  # Problems listed in a message.
+_DISPLAY = {'resnet18': 'ResNet-18', 'resnet34': 'ResNet-34', 'resnet50': 'ResNet-50'}
 
 
 def _unwrap(obj) -> dict:
@@ -121,21 +122,24 @@ def converted_config(dataset: str, data_dir: Optional[str], projector: Optional[
   return config
 
 
-def _block_names(n: int) -> str:
-  """'layer{i}.{j}' of our n-th bottleneck block (Flax numbers them across stages)."""
-  stage_sizes = encoders.ENCODERS['resnet50'].keywords['stage_sizes']
+ENCODER = 'resnet50'  # The official backbone; the mapping serves resnet18/34 too.
+
+
+def _block_names(n: int, encoder: str) -> str:
+  """'layer{i}.{j}' of our n-th block of ``encoder`` (Flax numbers them across stages)."""
+  stage_sizes = encoders.ENCODERS[encoder].keywords['stage_sizes']
   for i, size in enumerate(stage_sizes):
     if n < size:
       return f'layer{i + 1}.{n}'
     n -= size
-  raise ValueError(f'ResNet-50 has no block {n}.')
+  raise ValueError(f'{encoder} has no block {n}.')
 
 
 _LEAF = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
          'var': 'running_var'}
 
 
-def _module_name(names: tuple[str, ...]) -> str:
+def _module_name(names: tuple[str, ...], encoder: str) -> str:
   """The torch module of one of our modules' path (below 'backbone' or 'head')."""
   top, rest = names[0], names[1:]
   if top == 'head':  # Projector: Linear, BN, ReLU per hidden layer, last Linear.
@@ -143,7 +147,7 @@ def _module_name(names: tuple[str, ...]) -> str:
     return f'projector.{3 * int(k) + (kind == "BatchNorm")}'
   if rest in (('stem_conv',), ('stem_bn',)):
     return {'stem_conv': 'conv1', 'stem_bn': 'bn1'}[rest[0]]
-  block = _block_names(int(rest[0].rsplit('_', 1)[1]))
+  block = _block_names(int(rest[0].rsplit('_', 1)[1]), encoder)
   layer = {'proj_conv': 'downsample.0', 'proj_bn': 'downsample.1'}.get(rest[1])
   if layer is None:
     kind, k = rest[1].rsplit('_', 1)
@@ -151,10 +155,15 @@ def _module_name(names: tuple[str, ...]) -> str:
   return f'{block}.{layer}'
 
 
-def torch_name(names: tuple[str, ...]) -> str:
+def torch_name(names: tuple[str, ...], encoder: str = ENCODER) -> str:
   """The torchvision / official-projector name of one of our variables, e.g.
-  ('backbone', 'BottleneckBlock_3', 'Conv_1', 'kernel') -> 'layer2.0.conv2.weight'."""
-  return f'{_module_name(names[:-1])}.{_LEAF[names[-1]]}'
+  ('backbone', 'BottleneckBlock_3', 'Conv_1', 'kernel') -> 'layer2.0.conv2.weight'.
+
+  ``encoder`` ('resnet18', 'resnet34' or 'resnet50') numbers the blocks;
+  a BasicBlock's Conv_k / BatchNorm_k are torchvision's conv{k+1} / bn{k+1}
+  as a bottleneck's are.
+  """
+  return f'{_module_name(names[:-1], encoder)}.{_LEAF[names[-1]]}'
 
 
 def to_flax(value: np.ndarray, ndim: int) -> np.ndarray:
@@ -184,34 +193,40 @@ def _problems(state: dict, wanted: dict) -> list[str]:
   return missing + unexpected + shapes
 
 
-def convert_variables(state: dict, expected: dict) -> dict:
+def convert_variables(state: dict, expected: dict, encoder: str = ENCODER) -> dict:
   """{'params', 'batch_stats'} shaped as ``expected``: torch tensors, the rest zeros.
 
   The encoder, and the projector if ``state`` has one, come from ``state``;
   the online probe (and a placeholder projector) are zeros.
 
+  Args:
+    state: torchvision names -> arrays (load_state_dict).
+    expected: the shapes of our variables (expected_variables).
+    encoder: the torchvision ResNet of ``state`` (the official one: resnet50).
+
   Raises:
-    CheckpointError: ``state`` is not a ResNet-50 (+ official projector),
+    CheckpointError: ``state`` is not that ResNet (+ official projector),
       naming the missing, unexpected and wrongly shaped tensors.
   """
   # The probe is ours alone; a placeholder projector is too.
   converted = ('backbone', 'head') if projector_spec(state) else ('backbone',)
   from_torch = lambda names: names[0] in converted
-  wanted = {torch_name(_names(p)): torch_shape(leaf.shape)
+  name = lambda names: torch_name(names, encoder)
+  wanted = {name(_names(p)): torch_shape(leaf.shape)
             for c in ('params', 'batch_stats')
             for p, leaf in jax.tree_util.tree_flatten_with_path(expected[c])[0]
             if from_torch(_names(p))}
   problems = _problems(state, wanted)
   if problems:
     raise errors.CheckpointError(
-        f'Not a torchvision ResNet-50 state_dict (with the official projector, if any): '
-        f'{len(problems)} problems, e.g.:\n  ' + '\n  '.join(problems[:_SHOWN]))
+        f'Not a torchvision {_DISPLAY.get(encoder, encoder)} state_dict (with the official '
+        f'projector, if any): {len(problems)} problems, e.g.:\n  ' + '\n  '.join(problems[:_SHOWN]))
 
   def convert(path, leaf):
     names = _names(path)
     if not from_torch(names):
       return jnp.zeros(leaf.shape, jnp.float32)
-    return jnp.asarray(to_flax(state[torch_name(names)], leaf.ndim))
+    return jnp.asarray(to_flax(state[name(names)], leaf.ndim))
 
   return {c: jax.tree_util.tree_map_with_path(convert, expected[c])
           for c in ('params', 'batch_stats')}

@@ -6,9 +6,11 @@ statistics span every device of the data axis (the official code's SyncBN).
 """
 
 import functools
-from typing import Any, Optional, Sequence
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from jax import lax
 import jax.numpy as jnp
 
 from barlow_jax.models import conv as conv_lib
@@ -26,10 +28,56 @@ PAD_3X3 = ((1, 1), (1, 1))
 PAD_7X7 = ((3, 3), (3, 3))
 
 
+class BatchNorm(nn.Module):
+  """PyTorch's BatchNorm (SyncBatchNorm over ``axis_name``), channels last.
+
+  flax.linen.BatchNorm's variables (params 'scale', 'bias'; batch_stats
+  'mean', 'var') and arithmetic (both moments in one all-reduce, the
+  variance as E[x^2] - E[x]^2, computed in float32), with one difference: in
+  training, the running variance averages the *unbiased* batch variance
+  (times n / (n - 1), n the values per channel over the global batch), as
+  torch.nn.BatchNorm and SyncBatchNorm do and as the official checkpoints
+  hold; Flax averages the biased one. The batch is still normalised with the
+  biased variance, as in both. tests/test_official_step.py checks the running
+  statistics against PyTorch's.
+  """
+  use_running_average: bool
+  axis_name: Optional[str] = None
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPS
+  dtype: Any = jnp.float32
+  scale_init: Callable = nn.initializers.ones_init()
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, shape, jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, shape, jnp.float32)
+    scale = self.param('scale', self.scale_init, shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), shape, jnp.float32)
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      moments = jnp.stack([x32.mean(axes), jnp.square(x32).mean(axes)])
+      count = math.prod(x.shape[:-1])
+      if self.axis_name is not None and not self.is_initializing():
+        moments = lax.pmean(moments, self.axis_name)
+        count *= lax.axis_size(self.axis_name)
+      mean = moments[0]
+      var = jnp.maximum(moments[1] - jnp.square(mean), 0.0)  # Rounding can make it negative.
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        unbiased = var * (count / max(count - 1, 1))
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    y = (x32 - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
 def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, **kwargs) -> ModuleDef:
-  return functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-      epsilon=BN_EPS, dtype=dtype, axis_name=axis_name if train else None, **kwargs)
+  return functools.partial(BatchNorm, use_running_average=not train, dtype=dtype,
+                           axis_name=axis_name if train else None, **kwargs)
 
 
 class BasicBlock(nn.Module):
