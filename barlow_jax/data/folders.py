@@ -15,9 +15,10 @@ before it, and the stream would not be the pure function of (seed, step) that
 makes resuming exact. Prepared, a folder is read exactly as cifar10 or
 imagenet2012 are: per-process shares (``tfds.split_for_jax_process``),
 balanced label fractions, O(1) exact resume, host crops of variable-size
-images. The copy is JPEG (quality 95) at the original size, so every folder
-takes ImageNet's variable-size path (training crops cut on the host from the
-whole image; evaluation resized and centre-cropped to the crop size).
+images. The copy is JPEG at the original size (RGB JPEG files keep their
+bytes; others are converted to RGB and encoded at quality 95, 4:4:4), so every
+folder takes ImageNet's variable-size path (training crops cut on the host
+from the whole image; evaluation resized and centre-cropped to the crop size).
 
 The copy lives in ``<data_dir>/barlow_jax_folders/<root name>_<fingerprint>``
 (data_dir: config.data_dir, else TFDS_DATA_DIR or ~/tensorflow_datasets). The
@@ -138,10 +139,22 @@ def load_rgb(path: str) -> np.ndarray:
     return np.asarray(image.convert('RGB'))
 
 
-def _jpeg(image: np.ndarray) -> bytes:
-  out = io.BytesIO()
-  Image.fromarray(image).save(out, format='JPEG', quality=_JPEG_QUALITY)
-  return out.getvalue()
+def jpeg_bytes(path: str) -> bytes:
+  """The file as RGB JPEG: its own bytes if it is one (nothing lost), else re-encoded.
+
+  Raises:
+    OSError, ValueError, SyntaxError: PIL cannot decode it.
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  with Image.open(io.BytesIO(data)) as image:
+    image.load()  # Decodes it all: a truncated file fails here, not in training.
+    if image.format == 'JPEG' and image.mode == 'RGB':
+      return data
+    out = io.BytesIO()
+    # 4:4:4 (no chroma subsampling): small images keep their colour edges.
+    image.convert('RGB').save(out, format='JPEG', quality=_JPEG_QUALITY, subsampling=0)
+    return out.getvalue()
 
 
 class _BadImage(Exception):
@@ -175,13 +188,13 @@ class ImageFolderCopy(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for rel, label in files:
       path = os.path.join(self.folder.root, rel)
       try:
-        image = load_rgb(path)
+        image = jpeg_bytes(path)
       except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for undecodable files.
         if self.bad_images == 'fatal':
           raise _BadImage(f'{path}: {e}') from None
         self.skipped.append(rel)
         continue
-      yield rel, {'image': _jpeg(image), 'label': label}
+      yield rel, {'image': image, 'label': label}
 
 
 @dataclasses.dataclass(frozen=True)
