@@ -7,6 +7,7 @@ is a tiny GeneratorBasedBuilder defined here. Nothing is downloaded.
 
 import json
 import os
+import re
 import sys
 
 import jax
@@ -16,6 +17,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from barlow_jax import config_files
+from barlow_jax import config_validation
+from barlow_jax import main
 from barlow_jax import errors
 from barlow_jax.data import datasets
 from barlow_jax.data import folders
@@ -23,9 +26,8 @@ from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
 from barlow_jax.data import augment
 from barlow_jax.stages import linear
-from barlow_jax.stages import pretrain
 import cli_runs
-from conftest import snapshot, tiny_config
+from conftest import pretraining_workdir, snapshot, tiny_config
 
 CLASSES = ('cat', 'dog')
 # Per class: 20 train images, 8 test; sizes differ; every third one PNG.
@@ -256,7 +258,7 @@ class FakeFlowers(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
         'image': tfds.features.Image(shape=(16, 16, 3)),
         'label': tfds.features.ClassLabel(names=['rose', 'tulip', 'daisy'])}))
 
@@ -271,27 +273,41 @@ class FakeFlowers(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': image, 'label': i % 3}
 
 
-def test_a_tfds_dataset_outside_the_table_pretrains_and_probes(tmp_path):
+def test_a_tfds_dataset_outside_the_table_streams_and_probes(tmp_path):
+  """Its spec from the builder's info, its statistics recorded, its class names in results.md.
+
+  The training stream is checked batch by batch; the train step itself is the
+  one of every fixed-size dataset (its spec's mean/std in, tests/test_train_step.py).
+  The probed encoder is an untrained pretraining workdir (conftest.pretraining_workdir).
+  """
   data_dir = str(tmp_path / 'tfds')
   FakeFlowers(data_dir=data_dir).download_and_prepare()
   config = tiny_config()
   config.dataset, config.data_dir, config.train_split = 'fake_flowers', data_dir, 'train'
   config.augment.crop_size = 16
-  config.num_steps = 2
-  pretrain.run(config, str(tmp_path / 'bt'))
-  recorded = json.loads((tmp_path / 'bt' / 'config.json').read_text())
-  train = np.stack([e['image'] for e in _all_examples(
-      tfds.builder('fake_flowers', data_dir=data_dir), 'train')]).reshape(-1, 3) / 255
-  np.testing.assert_allclose(recorded['data_stats']['mean'], train.mean(0), atol=1e-4)
-  np.testing.assert_allclose(recorded['data_stats']['std'], train.std(0), atol=1e-4)
-  assert recorded['data_stats']['num_classes'] == 3
+  config_validation.validate_pretrain(config)
+  dataset = datasets.from_config(config)
+  assert (dataset.spec.image_size, dataset.spec.fixed_size, dataset.spec.test_split) == (
+      16, True, 'validation')  # No 'test' split.
+  train = _all_examples(tfds.builder('fake_flowers', data_dir=data_dir), 'train')
+  pixels = np.stack([e['image'] for e in train]).reshape(-1, 3) / 255
+  np.testing.assert_allclose(dataset.spec.mean, pixels.mean(0), atol=1e-4)
+  np.testing.assert_allclose(dataset.spec.std, pixels.std(0), atol=1e-4)
+  data = pipeline.load_train_data(dataset, 'train')
+  batches = pipeline.train_dataset(data, 16, seed=0).take(3).as_numpy_iterator()
+  seen = np.concatenate([b['image'].reshape(16, -1) for b in batches])
+  assert len({row.tobytes() for row in seen}) == 48  # One epoch: every image once.
 
+  datasets.record_stats(config, dataset)
+  pretraining_workdir(tmp_path / 'bt', config)
+  recorded = json.loads((tmp_path / 'bt' / 'config.json').read_text())
+  assert recorded['data_stats'] == {**dataset.stats(), 'num_classes': 3}
   probe = config_files.load('cifar_linear')
   probe.pretrained_workdir = str(tmp_path / 'bt')
   probe.batch_size, probe.probe.batch_size, probe.probe.epochs, probe.knn.k = 8, 8, 2, (5,)
   results = linear.run(probe, str(tmp_path / 'probe'))
   assert results['class_names'] == ['rose', 'tulip', 'daisy']
-  assert results['linear']['num_examples'] == 24  # The 'validation' split: there is no 'test'.
+  assert results['linear']['num_examples'] == 24  # The 'validation' split.
   table = (tmp_path / 'probe' / 'results.md').read_text()
   for name, acc in zip(results['class_names'], results['linear']['per_class_accuracy']):
     assert f'| {name} | {100 * acc:.2f} | 8 |' in table
@@ -310,11 +326,12 @@ def test_the_probe_standardises_with_the_statistics_pretraining_recorded(folder,
 
 
 def test_folder_pretrain_then_probe_through_the_cli(tmp_path):
-  """The two commands of docs/data.md, on a folder; a bad root exits 2 writing nothing."""
+  """The two commands of docs/data.md, on a folder: pretraining, then the probe by class name."""
   root = tmp_path / 'images'
   write_folder(str(root))
   config = tiny_config()
-  config.dataset, config.data_dir, config.train_split = f'folder:{root}', str(tmp_path / 'd'), 'train'
+  config.dataset, config.data_dir = f'folder:{root}', str(tmp_path / 'd')
+  config.train_split = 'train'
   config.num_steps = 2
   env = cli_runs.env(devices=1)
   done = cli_runs.run(cli_runs.main_cmd(tmp_path / 'bt', config), env, timeout=600)
@@ -334,8 +351,27 @@ def test_folder_pretrain_then_probe_through_the_cli(tmp_path):
   table = (tmp_path / 'probe' / 'results.md').read_text()
   assert f'| cat | {100 * results["linear"]["per_class_accuracy"][0]:.2f} | 8 |' in table
 
-  config.dataset = f'folder:{tmp_path / "nowhere"}'
-  done = cli_runs.run(cli_runs.main_cmd(tmp_path / 'bad', config), env, timeout=300)
-  assert done.returncode == 2
-  assert 'nowhere is not a directory' in done.stderr and 'Traceback' not in done.stderr
-  assert not snapshot(tmp_path / 'bad')  # Nothing written (the lock file aside).
+
+@pytest.mark.parametrize('case, message', [
+    ('missing root', r'nowhere is not a directory'),
+    ('no images', r'no image files'),
+    ('classes differ', r"only in 'train': \['fox'\]; only in 'test': \['owl'\]"),
+    ('missing split', r"config.train_split='val' is not a split of the folder"),
+    ('bad file fatal', r'not a decodable image: .*broken\.jpg'),
+    ('fewer than a batch', r'holds 43 training examples, fewer than one batch of '
+                           r'config.batch_size=48'),
+])
+def test_bad_folder_input_exits_2_writing_nothing(tmp_path, case, message, capsys):
+  root = _bad_layouts(tmp_path)
+  config = tiny_config()
+  config.dataset = {'missing root': f'folder:{root}/nowhere', 'no images': f'folder:{root}/empty',
+                    'classes differ': f'folder:{root}/differ'}.get(case, f'folder:{root}/ok')
+  config.data_dir = str(tmp_path / 'd')
+  config.train_split = 'val' if case == 'missing split' else 'train'
+  config.bad_images = 'fatal' if case == 'bad file fatal' else 'skip'
+  config.batch_size = 48 if case == 'fewer than a batch' else 16
+  with pytest.raises(SystemExit) as exit_:
+    main.run(config, str(tmp_path / 'run'))
+  assert exit_.value.code == 2
+  assert re.search(message, capsys.readouterr().err), case
+  assert not snapshot(tmp_path / 'run')  # Nothing written (the lock file aside).

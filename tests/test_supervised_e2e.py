@@ -127,4 +127,5 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
             == jax.tree.map(np.shape, fresh['params'][name]))
 
   config.head_init = 'random'
-  assert set(finetune.initial_variables(config, encoder, datasets.from_config(encoder.config), mesh)['params']) == {'backbone'}
+  dataset = datasets.from_config(encoder.config)
+  assert set(finetune.initial_variables(config, encoder, dataset, mesh)['params']) == {'backbone'}

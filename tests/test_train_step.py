@@ -42,7 +42,7 @@ def test_eight_devices_match_one():
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-5, err_msg=key)
   # Parameters moved, and moved the same way.
   init = jax.device_get(state_lib.create_train_state(
-      factory.create_model(config, datasets.num_classes(config)), optim.create_optimizer(config, 10, 20)[0],
+      factory.create_model(config, 10), optim.create_optimizer(config, 10, 20)[0],
       mesh_lib.make_mesh(jax.devices()[:1]), config.seed, config.augment.crop_size))
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), state1.params, init.params))
   assert max(moved) > 1e-4
@@ -98,7 +98,7 @@ def test_bfloat16_step_matches_float32(small_resnet):
   batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, 16).astype(np.int32)}
   init = jax.device_get(state_lib.create_train_state(
-      factory.create_model(config, datasets.num_classes(config)), optim.create_optimizer(config, 10, 20)[0],
+      factory.create_model(config, 10), optim.create_optimizer(config, 10, 20)[0],
       mesh_lib.make_mesh(jax.devices()[:1]), config.seed, config.augment.crop_size))
   state32, metrics32 = _one_step(config, jax.devices(), batch)
   config.model.dtype = 'bfloat16'

@@ -20,7 +20,7 @@ import dataclasses
 import difflib
 import json
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 from absl import logging
 from etils import epath
@@ -167,7 +167,8 @@ def record_stats(config, dataset: Dataset) -> None:
     config.data_stats = dataset.stats()
 
 
-def get_builder(tfds_name: str, data_dir: Optional[str], download: bool) -> tfds.core.DatasetBuilder:
+def get_builder(tfds_name: str, data_dir: Optional[str],
+                download: bool) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder; downloads only when allowed and missing.
 
   Raises:
@@ -322,7 +323,3 @@ def _split_sizes(builder) -> str:
   return ', '.join(f'{name!r} ({info.num_examples})' for name, info in builder.info.splits.items())
 
 
-def check_splits(dataset: Dataset, splits: Sequence[tuple[str, str]]) -> None:
-  """split_size of each (split, config key): a typo fails before anything is computed."""
-  for split, key in splits:
-    split_size(dataset.builder, split, key)

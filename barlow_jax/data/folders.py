@@ -39,7 +39,6 @@ from typing import Optional
 
 from absl import logging
 import jax
-import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -133,12 +132,6 @@ def scan(root: str) -> Scan:
               digest.hexdigest()[:16], ignored)
 
 
-def load_rgb(path: str) -> np.ndarray:
-  """The image file as uint8 [H, W, 3] (grayscale, RGBA and palette images converted)."""
-  with Image.open(path) as image:
-    return np.asarray(image.convert('RGB'))
-
-
 def jpeg_bytes(path: str) -> bytes:
   """The file as RGB JPEG: its own bytes if it is one (nothing lost), else re-encoded.
 
@@ -173,7 +166,8 @@ class ImageFolderCopy(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    return tfds.core.DatasetInfo(
+        builder=self,
         description=f'Images of {self.folder.root} (fingerprint {self.folder.fingerprint}).',
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),

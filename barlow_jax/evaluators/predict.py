@@ -61,7 +61,8 @@ def num_eval_batches(builder, split: str, local_batch: int) -> int:
   return max(1, math.ceil(largest / local_batch))
 
 
-def predict_split(dataset: datasets.Dataset, predict: PredictFn, variables: dict, split: str, batch_size: int,
+def predict_split(dataset: datasets.Dataset, predict: PredictFn, variables: dict, split: str,
+                  batch_size: int,
                   mesh: Optional[Mesh] = None, *, keys: Sequence[str] = ('features',),
                   seed: int = 0, max_examples: Optional[int] = None) -> dict:
   """Outputs of ``predict`` for the labelled examples of ``split``, in the split's order.

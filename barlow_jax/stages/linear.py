@@ -150,7 +150,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   return results
 
 
-def per_class_table(class_names, accuracy, confusion, max_classes: int = PER_CLASS_MAX) -> list[str]:
+def per_class_table(class_names, accuracy, confusion,
+                    max_classes: int = PER_CLASS_MAX) -> list[str]:
   """results.md lines: the linear probe's test accuracy of each class, by name.
 
   Only up to ``max_classes`` classes (beyond, the table would drown the
