@@ -9,6 +9,7 @@ import jax
 
 from barlow_jax.data import augment
 from barlow_jax.data import datasets
+from barlow_jax.data import folders
 from barlow_jax.errors import ConfigError
 from barlow_jax.models import encoders
 from barlow_jax.models import heads
@@ -43,7 +44,9 @@ def validate_model(config) -> None:
 
 
 def validate_data(config) -> None:
-  _one_of(config, 'dataset', datasets.DATASETS)
+  datasets.check_name(config.dataset, config.data_dir)
+  if config.get('bad_images') is not None:
+    _one_of(config, 'bad_images', folders.BAD_IMAGES)
   _require(0.0 < config.fraction <= 1.0, f'config.fraction={config.fraction} must be in (0, 1].')
   b, n, p = config.batch_size, jax.device_count(), jax.process_count()
   _require(b > 0, f'config.batch_size={b} must be positive.')

@@ -234,7 +234,7 @@ def convert_variables(state: dict, expected: dict, encoder: str = ENCODER) -> di
 
 def expected_variables(config) -> dict:
   """Shapes of {'params', 'batch_stats'} of the model ``config`` describes (nothing computed)."""
-  model = factory.create_model(config)
+  model = factory.create_model(config, datasets.num_classes(config))
   size = config.augment.crop_size
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)),
                                            train=False))

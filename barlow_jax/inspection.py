@@ -45,18 +45,17 @@ def batchnorm_table(stats) -> list[tuple]:
            float(var.max())) for layer, mean, var in stats]
 
 
-def first_images(config, num: int, split: Optional[str] = None
+def first_images(dataset: datasets.Dataset, num: int, split: Optional[str] = None
                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """uint8 images, labels and class names of the first ``num`` examples of ``split``.
 
-  ``split`` defaults to the dataset's test split; one process reads them all.
+  ``dataset`` is a resolved one (datasets.from_config of the run's config);
+  ``split`` defaults to its test split; one process reads them all.
   """
-  spec = datasets.dataset_spec(config.dataset)
-  split = split or spec.test_split
-  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
-  batch = next(pipeline.eval_batches(builder, spec, split, num))
+  split = split or dataset.spec.test_split
+  batch = next(pipeline.eval_batches(dataset.builder, dataset.spec, split, num))
   keep = batch['mask']
-  return batch['image'][keep], batch['label'][keep], builder.info.features['label'].names
+  return batch['image'][keep], batch['label'][keep], dataset.class_names
 
 
 def nearest_neighbours(features, queries: Sequence[int], k: int) -> np.ndarray:

@@ -64,6 +64,7 @@ from barlow_jax import console
 from barlow_jax import errors
 from barlow_jax.experiments import reproduce
 from barlow_jax.experiments import sweep
+from barlow_jax.data import folders
 from barlow_jax.runtime import distributed
 from barlow_jax.runtime import writers
 from barlow_jax.stages import baselines
@@ -156,6 +157,10 @@ def absolute_paths(config) -> None:
     for key in PATH_KEYS:
       if c is not None and isinstance(c.get(key), str) and c[key] and '://' not in c[key]:
         c[key] = os.path.abspath(c[key])
+    # A folder dataset is recorded in config.json: the probe may run from elsewhere.
+    if c is not None and str(c.get('dataset', '')).startswith(folders.PREFIX):
+      c.dataset = folders.PREFIX + os.path.abspath(
+          os.path.expanduser(c.dataset[len(folders.PREFIX):]))
 
 
 def run(config, workdir: str, allow_config_change: bool = False) -> None:

@@ -88,16 +88,18 @@ def views_of(config, num_views: int) -> tuple[augment.ViewAugment, ...]:
 
 
 def make_train_step(config, loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
-                    lr_schedule: Callable, num_views: int) -> Callable:
+                    lr_schedule: Callable, num_views: int,
+                    spec: datasets.DatasetSpec) -> Callable:
   """Returns jitted ``train_step(state, batch) -> (state, metrics)``; state is donated.
 
   Args:
-    config: needs dataset, model.dtype and augment (crop_size, view1[, view2]).
+    config: needs model.dtype and augment (crop_size, view1[, view2]).
     loss_fn: the stage's loss (see LossFn).
     tx: the optax transformation.
     mesh: the data mesh.
     lr_schedule: logged as 'learning_rate'.
     num_views: 1 or 2: views ``config.augment.view1`` [and ``view2``].
+    spec: the dataset's (its channel mean and std standardise the views).
 
   Returns:
     The step; ``batch`` is {'image': uint8 [N, H, W, 3], 'label': int32 [N]}
@@ -106,7 +108,6 @@ def make_train_step(config, loss_fn: LossFn, tx: optax.GradientTransformation, m
     the device does not crop again (augment.device_view).
   """
   aug = config.augment
-  spec = datasets.dataset_spec(config.dataset)
   views = views_of(config, num_views)
   dtype = jnp.dtype(config.model.dtype)
 
@@ -208,7 +209,7 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
   Returns:
     The final state, replicated over the mesh.
   """
-  pipeline.check_batch_fits(data, config)
+  pipeline.check_batch_fits(data, config.batch_size)
   length = Length.of(config, data.num_global)
   tx, lr_schedule = optim.create_optimizer(config, length.steps_per_epoch, length.total_steps)
   mngr, state = _restore_or_init(config, workdir, model, tx, mesh, init_variables,
@@ -218,7 +219,7 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
   logging.info('%d examples, %d steps/epoch, %d steps, start at %d; %d devices, %d processes.',
                data.num_global, length.steps_per_epoch, length.total_steps, start_step,
                jax.device_count(), jax.process_count())
-  train_step = make_train_step(config, loss_fn, tx, mesh, lr_schedule, num_views)
+  train_step = make_train_step(config, loss_fn, tx, mesh, lr_schedule, num_views, data.spec)
   crops = host_crop.HostCrops(config.augment.crop_size, views_of(config, num_views))
   stream = pipeline.train_dataset(data, config.batch_size // jax.process_count(), config.seed,
                                   start_step, cache=config.cache_dataset, crops=crops)

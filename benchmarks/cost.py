@@ -183,7 +183,7 @@ def abstract_step(config, mesh, per_device_batch: int):
   """(jitted step, abstract state, abstract batch, parameter count); nothing allocated."""
   config = copy.deepcopy(config)
   config.batch_size = per_device_batch * mesh.size
-  model = factory.create_model(config, axis_name=DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=DATA_AXIS)
   steps_per_epoch = max(1, IMAGENET_TRAIN // config.batch_size)
   tx, schedule = optim.create_optimizer(
       config, steps_per_epoch, optim.num_train_steps(config, steps_per_epoch))
@@ -198,7 +198,7 @@ def abstract_step(config, mesh, per_device_batch: int):
   batch = {'image': jax.ShapeDtypeStruct((n, *shape), np.uint8, sharding=sharded),
            'label': jax.ShapeDtypeStruct((n,), np.int32, sharding=sharded)}
   step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
-                                 schedule, num_views=2)
+                                 schedule, num_views=2, spec=datasets.dataset_spec(config.dataset))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   return step, state, batch, num_params
 

@@ -20,11 +20,11 @@ def build(config):
   crops = host_crop.HostCrops(config.augment.crop_size, trainer.views_of(config, 2))
   shape = pipeline.train_image_shape(datasets.dataset_spec(config.dataset), crops)
   mesh = mesh_lib.make_mesh()
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, 100, 1000)
   state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
   step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
-                                 schedule, num_views=2)
+                                 schedule, num_views=2, spec=datasets.dataset_spec(config.dataset))
   sharding = mesh_lib.batch_sharded(mesh)
   rng = np.random.default_rng(0)
   batch = {'image': jax.device_put(rng.integers(0, 256, (n, *shape), dtype=np.uint8), sharding),

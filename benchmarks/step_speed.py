@@ -16,6 +16,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from barlow_jax.data import datasets
 from barlow_jax.data import augment
 from barlow_jax.data import pipeline
 from barlow_jax.models import factory
@@ -48,7 +49,7 @@ def main(_):
   aug = jax.jit(lambda k, x: augment.augment_batch(k, *augment.device_view(x, 0, view),
                                                     config.augment.crop_size))
   x = aug(keys, batch['image'])
-  single = factory.create_model(config)
+  single = factory.create_model(config, datasets.num_classes(config))
   fwd = jax.jit(lambda v, x: single.apply(v, x, train=False)['embeddings'])
 
   def forward():  # Reads the live state: the train step donates the old one.
@@ -70,7 +71,8 @@ def main(_):
     print(f'{name:38s} {seconds * 1e3:9.1f} ms   {n / seconds:8.1f} img/s   [{desc}]')
 
   if FLAGS.input:
-    data = pipeline.load_train_data(config)
+    data = pipeline.load_train_data(datasets.from_config(config), config.train_split,
+                                    config.fraction, config.fraction_seed)
     it = pipeline.train_dataset(data, n, 0, crops=crops).as_numpy_iterator()
     seconds = _time(lambda: next(it)['image'], 20)
     print(f"{'input pipeline (host)':38s} {seconds * 1e3:9.1f} ms   {n / seconds:8.1f} img/s")

@@ -29,11 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.mode = 'pretrain'  # Which stage barlow_jax.main runs.
 
-  # Data: a TFDS name (see barlow_jax/data/datasets.DATASETS). data_dir=None
-  # uses TFDS_DATA_DIR or ~/tensorflow_datasets; download fetches if missing.
+  # Data: a tuned name (barlow_jax/data/datasets.DATASETS), any TFDS name
+  # ('name[/config][:version]') or 'folder:/path/to/images' (docs/data.md).
+  # data_dir=None uses TFDS_DATA_DIR or ~/tensorflow_datasets (folders are
+  # prepared under it); download fetches a missing TFDS dataset.
   config.dataset = 'cifar10'
   config.data_dir = config_dict.placeholder(str)
   config.download = True
+  config.bad_images = 'skip'  # Folders: undecodable files 'skip'ped (counted) or 'fatal'.
   config.train_split = 'train'  # e.g. 'unlabelled' or 'train+unlabelled' for stl10.
   config.fraction = 0.1  # Class-balanced fraction of train_split, in (0, 1].
   config.fraction_seed = 0  # Which balanced subset: same seed, same images.

@@ -91,6 +91,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.dataset = 'cifar10'
   config.data_dir = config_dict.placeholder(str)
   config.download = True
+  config.bad_images = 'skip'  # Folders: undecodable files 'skip'ped (counted) or 'fatal'.
   config.train_split = 'train'
   # Added to train_split when gamma > 0: images with label -1 that enter only
   # the BT term (STL-10's 'unlabelled[:5000]', §4.4). None for CIFAR.

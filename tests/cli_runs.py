@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from barlow_jax.data import datasets
 from barlow_jax import config_files
 from barlow_jax import optim
 from barlow_jax.models import factory
@@ -158,7 +159,7 @@ def latest_step(workdir) -> Optional[int]:
 def abstract_state(config, devices=None):
   """The TrainState structure of ``config``, replicated over ``devices``."""
   mesh = mesh_lib.make_mesh(devices)
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
   abstract = jax.eval_shape(lambda: state_lib.create_train_state(
       model, tx, mesh, config.seed, config.augment.crop_size))

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from barlow_jax.data import datasets
 from barlow_jax import config_files  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def pretraining_workdir(path, config, step: int = 2):
   from barlow_jax.runtime import checkpoint, mesh as mesh_lib, state as state_lib
   path = pathlib.Path(path)
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   tx, _ = optim.create_optimizer(config, steps_per_epoch=1, total_steps=2)
   manager = checkpoint.manager(str(path), config.checkpoint.max_to_keep)
   state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
@@ -227,6 +228,7 @@ def features(config, model, variables, split: str, batch_size: int, mesh=None, v
   ``fn`` (from predict.make_predict_fn) saves a compile when called repeatedly.
   """
   from barlow_jax.evaluators import predict
-  fn = fn or predict.make_predict_fn(config, model, view, outputs=('features',))
-  out = predict.predict_split(config, fn, variables, split, batch_size, mesh, seed=seed)
+  dataset = datasets.from_config(config)
+  fn = fn or predict.make_predict_fn(config, model, view, outputs=('features',), spec=dataset.spec)
+  out = predict.predict_split(dataset, fn, variables, split, batch_size, mesh, seed=seed)
   return out['features'], out['label']

@@ -8,6 +8,7 @@ import pytest
 from barlow_jax import errors
 from barlow_jax.stages import baselines
 from barlow_jax import config_validation
+from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from conftest import cifar10_split_sizes, config_module, DATA_DIR, needs_cifar10
 
@@ -49,9 +50,10 @@ def test_baselines_on_a_balanced_fraction(tmp_path):
   assert saved['logistic_regression']['chosen_c'] in config.logistic_cs
   assert '| logistic_regression |' in (tmp_path / 'results.md').read_text()
 
-  train_x, train_y = baselines.load_pixels(config, config.train_split)
+  dataset = datasets.resolve(config.dataset, data_dir=config.data_dir, download=False, crop_size=0)
+  train_x, train_y = baselines.load_pixels(dataset, config.train_split)
   keep = pipeline.balanced_subset(train_y, 0.5, 10, config.fraction_seed)
-  test_x, test_y = baselines.load_pixels(config, 'test')
+  test_x, test_y = baselines.load_pixels(dataset, 'test')
   predicted = _knn5_numpy(train_x[keep].astype(np.float64), train_y[keep], test_x.astype(np.float64))
   assert saved['knn_k5']['top1'] == pytest.approx(float((predicted == test_y).mean()), abs=2e-4)
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from barlow_jax.data import datasets
 from barlow_jax import compiled_cost
 from barlow_jax import optim
 from barlow_jax import trainer
@@ -32,7 +33,8 @@ def _all_reduced_per_parameter(config, model, loss_fn, num_views: int) -> float:
   batch = {'image': jax.ShapeDtypeStruct((n, 32, 32, 3), np.uint8,
                                          sharding=mesh_lib.batch_sharded(mesh)),
            'label': jax.ShapeDtypeStruct((n,), np.int32, sharding=mesh_lib.batch_sharded(mesh))}
-  step = trainer.make_train_step(config, loss_fn, tx, mesh, schedule, num_views)
+  step = trainer.make_train_step(config, loss_fn, tx, mesh, schedule, num_views,
+                                 spec=datasets.dataset_spec(config.dataset))
   hlo = step.lower(state, batch).compile().as_text()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   return compiled_cost.collectives(hlo)['all-reduce']['elements'] / num_params
@@ -47,7 +49,7 @@ def wide_head():
 def test_pretraining_step_all_reduces_each_gradient_once(small_resnet, wide_head):
   config = tiny_config()
   config.model.encoder, config.model.projector = small_resnet, wide_head
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   ratio = _all_reduced_per_parameter(config, model, pretrain.make_loss_fn(model, config.lambd), 2)
   assert 1.0 <= ratio <= 1.1, ratio
 
@@ -55,7 +57,7 @@ def test_pretraining_step_all_reduces_each_gradient_once(small_resnet, wide_head
 def test_supervised_step_all_reduces_each_gradient_once(small_resnet, wide_head):
   config = tiny_supervised_config()
   config.model.encoder, config.model.embedding = small_resnet, wide_head
-  model = factory.create_supervised_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_supervised_model(config, 10, axis_name=mesh_lib.DATA_AXIS)
   loss_fn = supervised.make_loss_fn(model, config.gamma, config.lambd)
   ratio = _all_reduced_per_parameter(config, model, loss_fn, 2)
   assert 1.0 <= ratio <= 1.1, ratio

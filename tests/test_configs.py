@@ -57,11 +57,11 @@ def test_imagenet_recipe_step_runs_at_small_scale():
     view.blur_kernel = 7
   config_validation.validate_pretrain(config)
   mesh = mesh_lib.make_mesh()
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=100)
   state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
   step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
-                                  schedule, num_views=2)
+                                  schedule, num_views=2, spec=datasets.dataset_spec(config.dataset))
   rng = np.random.default_rng(0)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   shape = pipeline.train_image_shape(

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from barlow_jax.data import datasets
 from barlow_jax import errors
 from barlow_jax.data import augment
 from barlow_jax.evaluators import knn
@@ -81,7 +82,7 @@ def test_probe_folded_into_a_dense_layer_gives_the_probes_logits():
 @needs_cifar10
 def test_padded_features_count_every_example_once_on_8_devices():
   config = tiny_config()
-  model = factory.create_model(config)
+  model = factory.create_model(config, datasets.num_classes(config))
   variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
   split = 'test[:1003]'  # Odd size: 15 full batches of 64 and one of 43.
   f8, y8 = features(config, model, variables, split, 64, mesh_lib.make_mesh())
@@ -111,7 +112,7 @@ def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
 def test_augmented_features_identity_view_and_device_count(small_resnet):
   config = tiny_config()
   config.model.encoder = small_resnet
-  model = factory.create_model(config)
+  model = factory.create_model(config, datasets.num_classes(config))
   variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
   split, eight, one = 'test[:40]', mesh_lib.make_mesh(), mesh_lib.make_mesh(jax.devices()[:1])
   clean, y = features(config, model, variables, split, 16, eight)

@@ -43,7 +43,8 @@ def test_cifar10_fraction_stream_is_balanced_and_resumable():
   config = tiny_config()
   config.train_split = 'train[:10000]'  # A short label scan.
   config.fraction = 0.1  # 100 images per class.
-  data = pipeline.load_train_data(config)
+  data = pipeline.load_train_data(datasets.from_config(config), config.train_split, config.fraction,
+                                  config.fraction_seed)
   assert data.num_global == data.num_local == 1000
 
   def take(start, n):
@@ -103,7 +104,9 @@ def test_eval_batches_index_examples_by_their_position_in_the_split(monkeypatch)
 def test_resume_reads_only_its_window_and_matches_the_straight_stream(monkeypatch):
   config = tiny_config()
   config.train_split = 'train[:1000]'
-  data = pipeline.load_train_data(config)  # Windows of 300: 300, 300, 300, 100 records.
+  # Windows of 300: 300, 300, 300, 100 records.
+  data = pipeline.load_train_data(datasets.from_config(config), config.train_split, config.fraction,
+                                  config.fraction_seed)
 
   def take(start, n):
     ds = pipeline.train_dataset(data, local_batch=100, seed=5, start_step=start, shuffle_buffer=300)
@@ -192,10 +195,6 @@ def test_array_record_data_is_refused_naming_the_format(numbered_images, tmp_pat
   builder = _NumberedImages(data_dir=str(tmp_path), file_format='array_record')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  monkeypatch.setattr(datasets, 'get_builder', lambda *args: builder)
-  monkeypatch.setattr(datasets, 'dataset_spec', lambda name: spec)
-  config = tiny_config()
-  config.train_split = 'train'
   with pytest.raises(errors.ConfigError, match=r'stored as array_record; barlow_jax reads '
                      r'TFRecord'):
-    pipeline.load_train_data(config)
+    pipeline.load_train_data(datasets.Dataset('numbered_images', spec, builder), 'train')

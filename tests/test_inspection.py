@@ -5,6 +5,7 @@ import jax
 import matplotlib
 import numpy as np
 
+from barlow_jax.data import datasets
 from barlow_jax import inspection
 from barlow_jax import plots
 from barlow_jax.models import factory
@@ -32,7 +33,7 @@ def test_param_table_counts_a_hand_counted_model():
 
 def test_param_table_of_the_model_sums_to_its_size_in_name_order():
   config = tiny_config()
-  shapes = jax.eval_shape(lambda: factory.create_model(config).init(
+  shapes = jax.eval_shape(lambda: factory.create_model(config, datasets.num_classes(config)).init(
       jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False))
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes['params'])
   rows = inspection.param_table(params)

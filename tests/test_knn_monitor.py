@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 
+from barlow_jax.data import datasets
 from barlow_jax import config_validation
 from barlow_jax import errors
 from barlow_jax.evaluators import knn
@@ -40,7 +41,7 @@ def monitored_config(encoder: str):
 def top1_from(config, variables, predict_fn) -> float:
   """kNN top-1 of ``variables`` on config.knn_monitor's splits, computed here."""
   m = config.knn_monitor
-  model = factory.create_model(config)
+  model = factory.create_model(config, datasets.num_classes(config))
   bank_x, bank_y = features(config, model, variables, m.train_split, 16, fn=predict_fn)
   test_x, test_y = features(config, model, variables, m.test_split, 16, fn=predict_fn)
   assert len(bank_y) == 256 and len(test_y) == 250
@@ -58,8 +59,8 @@ def test_logged_knn_equals_knn_of_the_checkpoints_at_those_steps(tmp_path, small
   assert sorted(logged) == [2, 4, 5]
   assert len(set(logged.values())) == 3  # Distinct, so a mix-up of steps would show.
   assert f'step 5: kNN (k=20) top-1 {logged[5]:.4f}' in caplog.text
-  predict_fn = predict.make_predict_fn(config, factory.create_model(config),
-                                       outputs=('features',))
+  predict_fn = predict.make_predict_fn(config, factory.create_model(config, 10),
+                                       outputs=('features',), spec=datasets.DATASETS['cifar10'])
   for step in (2, 4, 5):  # Checkpoints every 2 steps and at the end.
     restored = pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh(), step)
     assert restored.step == step
@@ -79,7 +80,8 @@ def test_every_epochs_becomes_steps_once_and_zero_is_off():
   assert fired == [3, 6, 9, 10]
   assert not any(knn_monitor.fires_at(s, 0, total_steps=10) for s in range(1, 11))
   config = tiny_config()  # Off in the tests' config: no hook, no data read.
-  assert knn_monitor.make_hook(config, steps_per_epoch=4, total_steps=8, mesh=None) is None
+  assert knn_monitor.make_hook(config, None, steps_per_epoch=4, total_steps=8,
+                               mesh=None) is None
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -104,4 +106,5 @@ def test_bad_splits_fail_before_training(tmp_path, key, value, message):
   config = monitored_config('resnet18')
   config.knn_monitor[key] = value
   with pytest.raises(errors.ConfigError, match=message):
-    knn_monitor.make_hook(config, steps_per_epoch=4, total_steps=5, mesh=mesh_lib.make_mesh())
+    knn_monitor.make_hook(config, datasets.from_config(config), steps_per_epoch=4, total_steps=5,
+                          mesh=mesh_lib.make_mesh())

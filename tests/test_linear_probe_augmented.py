@@ -65,11 +65,12 @@ def encoder(small_resnet):
   config = tiny_config()
   config.model.encoder = small_resnet
   config.train_split = SPLIT
-  model = factory.create_model(config)
+  model = factory.create_model(config, datasets.num_classes(config))
   variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32),
                          train=False)
   x, y = features(config, model, variables, SPLIT, 32, mesh_lib.make_mesh())
-  return config, model, variables, pipeline.load_train_data(config), x, y
+  return config, model, variables, pipeline.load_train_data(
+      datasets.from_config(config), config.train_split, config.fraction, config.fraction_seed), x, y
 
 
 def pipeline_order(config, data, steps: int) -> np.ndarray:

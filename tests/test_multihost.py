@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from barlow_jax.data import datasets
 from barlow_jax import errors
 from barlow_jax.data import pipeline
 from barlow_jax.models import factory
@@ -51,11 +52,11 @@ def _reference_run(config, save_at: int, workdir):
   read = [[], []]  # Hashes of the images each process's pipeline yielded.
 
   mesh = mesh_lib.make_mesh()
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch, total)
   state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
   train_step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
-                                  schedule, num_views=2)
+                                  schedule, num_views=2, spec=datasets.dataset_spec(config.dataset))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   states, losses = {}, {}
   for step in range(total):
@@ -80,7 +81,8 @@ def _process_train_data(config, index: int, count: int) -> pipeline.TrainData:
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(jax, 'process_index', lambda *_: index)
     patch.setattr(jax, 'process_count', lambda *_: count)
-    return pipeline.load_train_data(config)
+    return pipeline.load_train_data(datasets.from_config(config), config.train_split,
+                                    config.fraction, config.fraction_seed)
 
 
 def _image_hashes(images) -> list[bytes]:

@@ -12,6 +12,7 @@ import nbclient
 import nbformat
 import numpy as np
 
+from barlow_jax.data import datasets
 from barlow_jax.models import factory
 from conftest import DATA_DIR, REPO, needs_cifar10, pretraining_workdir, tiny_config
 
@@ -49,7 +50,7 @@ def test_notebook_runs_on_a_tiny_workdir_and_draws_everything(tmp_path):
   tables = _outputs(nb, 'text/markdown')
   # The parameter table sums to the model's size, counted here from its init.
   size = config.augment.crop_size
-  shapes = jax.eval_shape(lambda: factory.create_model(config).init(
+  shapes = jax.eval_shape(lambda: factory.create_model(config, datasets.num_classes(config)).init(
       jax.random.PRNGKey(0), np.zeros((2, size, size, 3), np.float32), train=False))
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
   assert any('| parameter | shape | count |' in t and f'{total:,} parameters' in t for t in tables)

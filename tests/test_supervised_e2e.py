@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import predict
@@ -84,7 +85,7 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   tuned = manager.restore(3, args=ocp.args.StandardRestore())['params']['backbone']
   fresh_config = tiny_config()
   fresh_config.model.encoder = small_resnet
-  fresh = factory.create_model(fresh_config).init(
+  fresh = factory.create_model(fresh_config, datasets.num_classes(fresh_config)).init(
       jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)['params']['backbone']
   distance = lambda a, b: float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
   to_pretrained = distance(tuned, jax.device_get(pretrained['params']['backbone']))
@@ -102,12 +103,13 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
   config.probe.epochs, config.head_init = 5, 'linear_probe'
   mesh = mesh_lib.make_mesh()
   encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh)
-  init = finetune.initial_variables(config, encoder, mesh)
+  init = finetune.initial_variables(config, encoder, datasets.from_config(encoder.config), mesh)
 
   # Reference: the linear probe fitted on the same labelled images' features.
-  feats = predict.predict_split(encoder.config, predict.make_predict_fn(
-      encoder.config, encoder.model, None, outputs=('features',)), encoder.variables,
-      'train[:1000]', 64, mesh)
+  dataset = datasets.from_config(encoder.config)
+  feats = predict.predict_split(dataset, predict.make_predict_fn(
+      encoder.config, encoder.model, None, outputs=('features',), spec=dataset.spec),
+      encoder.variables, 'train[:1000]', 64, mesh)
   keep = pipeline.balanced_subset(feats['label'], 0.1, 10, config.fraction_seed)
   probe = linear_probe.train_linear_probe(
       feats['features'][keep], feats['label'][keep], 10, epochs=5, batch_size=256,
@@ -117,7 +119,7 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
   logits = feats['features'][keep] @ head['kernel'] + head['bias']
   np.testing.assert_allclose(logits, probe(feats['features'][keep]), rtol=1e-3, atol=1e-3)
   # The initial modules are the fine-tuning model's own, with its shapes.
-  model = factory.create_supervised_model(finetune.supervised_config(config, encoder.config))
+  model = factory.create_supervised_model(finetune.supervised_config(config, encoder.config), 10)
   fresh = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
   assert set(init['params']) == {'backbone', 'classifier'}
   for name in init['params']:
@@ -125,4 +127,5 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
             == jax.tree.map(np.shape, fresh['params'][name]))
 
   config.head_init = 'random'
-  assert set(finetune.initial_variables(config, encoder, mesh)['params']) == {'backbone'}
+  dataset = datasets.from_config(encoder.config)
+  assert set(finetune.initial_variables(config, encoder, dataset, mesh)['params']) == {'backbone'}

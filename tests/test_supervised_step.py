@@ -25,13 +25,13 @@ def _batch(num_unlabelled: int = 0):
 def _one_step(config, devices, batch):
   """(initial state, state after one step, metrics), all on the host."""
   mesh = mesh_lib.make_mesh(devices)
-  model = factory.create_supervised_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_supervised_model(config, 10, axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=20)
   state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
   initial = jax.device_get(state)  # Before the step donates it.
   step = trainer.make_train_step(
       config, supervised.make_loss_fn(model, config.gamma, config.lambd), tx, mesh, schedule,
-      num_views=config.num_branches)
+      num_views=config.num_branches, spec=datasets.dataset_spec(config.dataset))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
   return initial, jax.device_get(state), jax.device_get(metrics)
@@ -57,7 +57,7 @@ def _numpy_barlow_twins(z1, z2, lambd, eps=1e-5):
 
 def _reference(config, state, batch):
   """CE1, CE2 and BT of one step, recomputed on one device outside the step."""
-  model = factory.create_supervised_model(config)  # No axis name: one device.
+  model = factory.create_supervised_model(config, 10)  # No axis name: one device.
   spec = datasets.dataset_spec(config.dataset)
   keys1, keys2 = trainer.view_keys(state.rng, state.step, len(batch['label']), num_views=2)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -133,7 +133,7 @@ def test_head_gets_its_own_group_only_when_head_lr_is_set():
 def test_fresh_state_takes_only_the_encoder_of_pretrained_variables(small_resnet):
   config = tiny_supervised_config()
   config.model.encoder = small_resnet
-  model = factory.create_supervised_model(config)
+  model = factory.create_supervised_model(config, datasets.num_classes(config))
   tx = optim.create_optimizer(config, 10, 20)[0]
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
   fresh = state_lib.create_train_state(model, tx, mesh, config.seed, 32)

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from barlow_jax.data import datasets
 from barlow_jax import errors
 from barlow_jax import config_validation
 from barlow_jax.models import factory
@@ -17,11 +18,11 @@ from conftest import tiny_config
 
 def _one_step(config, devices, batch):
   mesh = mesh_lib.make_mesh(devices)
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=10, total_steps=20)
   state = state_lib.create_train_state(model, tx, mesh, config.seed, config.augment.crop_size)
   step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
-                                  schedule, num_views=2)
+                                  schedule, num_views=2, spec=datasets.dataset_spec(config.dataset))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.DATA_AXIS))
   state, metrics = step(state, {k: jax.device_put(v, sharding) for k, v in batch.items()})
   return jax.device_get(state), jax.device_get(metrics)
@@ -41,7 +42,7 @@ def test_eight_devices_match_one():
     np.testing.assert_allclose(metrics8[key], metrics1[key], rtol=2e-5, err_msg=key)
   # Parameters moved, and moved the same way.
   init = jax.device_get(state_lib.create_train_state(
-      factory.create_model(config), optim.create_optimizer(config, 10, 20)[0],
+      factory.create_model(config, 10), optim.create_optimizer(config, 10, 20)[0],
       mesh_lib.make_mesh(jax.devices()[:1]), config.seed, config.augment.crop_size))
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), state1.params, init.params))
   assert max(moved) > 1e-4
@@ -97,7 +98,7 @@ def test_bfloat16_step_matches_float32(small_resnet):
   batch = {'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 10, 16).astype(np.int32)}
   init = jax.device_get(state_lib.create_train_state(
-      factory.create_model(config), optim.create_optimizer(config, 10, 20)[0],
+      factory.create_model(config, 10), optim.create_optimizer(config, 10, 20)[0],
       mesh_lib.make_mesh(jax.devices()[:1]), config.seed, config.augment.crop_size))
   state32, metrics32 = _one_step(config, jax.devices(), batch)
   config.model.dtype = 'bfloat16'

@@ -78,51 +78,60 @@ class TrainData:
   num_local: int  # Examples in this process's shard.
   num_global: int  # Examples over all processes.
   spec: datasets.DatasetSpec
+  global_split: str = ''  # The split over all processes (config.train_split), for messages.
+  fraction: float = 1.0  # The balanced fraction kept (config.fraction), for messages.
 
 
-def load_train_data(config) -> TrainData:
-  """Resolves the dataset, the per-process split and the balanced fraction."""
-  spec = datasets.dataset_spec(config.dataset)
-  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
-  datasets.split_size(builder, config.train_split, 'train_split')
+def load_train_data(dataset: datasets.Dataset, split: str, fraction: float = 1.0,
+                    fraction_seed: int = 0) -> TrainData:
+  """This process's share of ``split`` of a resolved dataset, and its balanced fraction.
+
+  Args:
+    dataset: from datasets.resolve.
+    split: TFDS split expression (config.train_split).
+    fraction: class-balanced fraction kept (config.fraction), in (0, 1].
+    fraction_seed: which balanced subset (config.fraction_seed).
+  """
+  builder, spec = dataset.builder, dataset.spec
+  datasets.split_size(builder, split, 'train_split')
   file_format = builder.info.file_format
   if file_format is not None and file_format.value != 'tfrecord':
     # The stream opens TFRecord files at offsets (train_dataset); ArrayRecord is not read.
-    raise ConfigError(f'{config.dataset} in {builder.data_dir} is stored as '
+    raise ConfigError(f'{dataset.name} in {builder.data_dir} is stored as '
                       f'{file_format.value}; barlow_jax reads TFRecord (prepare it with '
                       f"file_format='tfrecord').")
-  local_split = tfds.split_for_jax_process(config.train_split)
-  if config.fraction >= 1.0:
+  local_split = tfds.split_for_jax_process(split)
+  if fraction >= 1.0:
     return TrainData(builder, local_split, None, builder.info.splits[local_split].num_examples,
-                     builder.info.splits[config.train_split].num_examples, spec)
-  ids, labels = _scan_labels(builder, config.train_split)
+                     builder.info.splits[split].num_examples, spec, split, fraction)
+  ids, labels = _scan_labels(builder, split)
   if (labels < 0).all():
-    raise ConfigError(f'config.fraction={config.fraction} needs labels, but split '
-                     f'{config.train_split!r} is unlabelled.')
-  keep = ids[balanced_subset(labels, config.fraction, spec.num_classes, config.fraction_seed)]
+    raise ConfigError(f'config.fraction={fraction} needs labels, but split '
+                     f'{split!r} is unlabelled.')
+  keep = ids[balanced_subset(labels, fraction, spec.num_classes, fraction_seed)]
   # One process reads the whole split: no second pass over it (~7 s for CIFAR-10 train).
   local_ids = ids if jax.process_count() == 1 else _scan_labels(builder, local_split)[0]
   kept = np.flatnonzero(np.isin(local_ids, keep))
   logging.info('Balanced fraction %.3f: %d of %d examples (%d on this process).',
-               config.fraction, len(keep), len(ids), len(kept))
-  return TrainData(builder, local_split, kept, len(kept), len(keep), spec)
+               fraction, len(keep), len(ids), len(kept))
+  return TrainData(builder, local_split, kept, len(kept), len(keep), spec, split, fraction)
 
 
-def check_batch_fits(data: TrainData, config) -> None:
+def check_batch_fits(data: TrainData, batch_size: int) -> None:
   """ConfigError unless the training set holds a batch (on every process), before anything is written.
 
   Args:
-    data: from load_train_data(config).
-    config: train_split, fraction, batch_size.
+    data: from load_train_data.
+    batch_size: the global batch (config.batch_size).
   """
-  local_batch = config.batch_size // jax.process_count()
+  local_batch = batch_size // jax.process_count()
   if data.num_local < local_batch:
-    fraction = f' (config.fraction={config.fraction})' if config.fraction < 1.0 else ''
+    fraction = f' (config.fraction={data.fraction})' if data.fraction < 1.0 else ''
     per_process = (f', {data.num_local} on this process of {jax.process_count()}'
                    if jax.process_count() > 1 else '')
-    raise ConfigError(f'config.train_split={config.train_split!r}{fraction} holds '
+    raise ConfigError(f'config.train_split={data.global_split!r}{fraction} holds '
                       f'{data.num_global} training examples{per_process}, fewer than one batch '
-                      f'of config.batch_size={config.batch_size}.')
+                      f'of config.batch_size={batch_size}.')
 
 
 def _decode_fn(data: TrainData):

@@ -40,11 +40,13 @@ def fires_at(step: int, period: int, total_steps: int) -> bool:
   return period > 0 and (step % period == 0 or step == total_steps)
 
 
-def knn_top1(config, variables, mesh, predict_fn: predict.PredictFn) -> float:
+def knn_top1(config, dataset: datasets.Dataset, variables, mesh,
+             predict_fn: predict.PredictFn) -> float:
   """kNN top-1 accuracy of ``variables`` on config.knn_monitor's splits.
 
   Args:
     config: a pretraining config with a knn_monitor block.
+    dataset: its resolved dataset (datasets.resolve).
     variables: {'params', 'batch_stats'}, replicated over ``mesh``.
     mesh: the data mesh.
     predict_fn: from predict.make_predict_fn, compiled once for every call.
@@ -53,15 +55,15 @@ def knn_top1(config, variables, mesh, predict_fn: predict.PredictFn) -> float:
     The fraction of test examples whose highest-scoring class is their label.
   """
   m = config.knn_monitor
-  num_classes = datasets.dataset_spec(config.dataset).num_classes
-  bank, test = (predict.predict_split(config, predict_fn, variables, split, config.batch_size,
+  num_classes = dataset.spec.num_classes
+  bank, test = (predict.predict_split(dataset, predict_fn, variables, split, config.batch_size,
                                       mesh) for split in (m.train_split, m.test_split))
   scores = knn.knn_scores(bank['features'], bank['label'], test['features'], num_classes, m.k,
                           m.temperature)
   return float(np.mean(scores.argmax(1) == test['label']))
 
 
-def make_hook(config, steps_per_epoch: int, total_steps: int,
+def make_hook(config, dataset: datasets.Dataset, steps_per_epoch: int, total_steps: int,
               mesh) -> Optional[Callable[[int, object], Optional[dict]]]:
   """The kNN monitor as a loop.run_steps hook, or None when it is off (or absent).
 
@@ -70,6 +72,7 @@ def make_hook(config, steps_per_epoch: int, total_steps: int,
 
   Args:
     config: the pretraining config.
+    dataset: its resolved dataset (datasets.resolve).
     steps_per_epoch: to convert knn_monitor.every_epochs to steps.
     total_steps: the run's last step, where the monitor always runs.
     mesh: the data mesh.
@@ -86,15 +89,16 @@ def make_hook(config, steps_per_epoch: int, total_steps: int,
   period = every_steps(m.every_epochs, steps_per_epoch) if m is not None else 0
   if period == 0:
     return None
-  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
+  builder = dataset.builder
   bank = datasets.split_size(builder, m.train_split, 'knn_monitor.train_split')
   datasets.split_size(builder, m.test_split, 'knn_monitor.test_split')
   if bank < m.k:
     raise ConfigError(
         f'config.knn_monitor.k={m.k} is larger than the memory bank '
         f'config.knn_monitor.train_split={m.train_split!r} ({bank} examples).')
-  model = factory.create_model(config)  # No axis_name: inference only, outside shard_map.
-  predict_fn = predict.make_predict_fn(config, model, outputs=('features',))
+  # No axis_name: inference only, outside shard_map.
+  model = factory.create_model(config, dataset.spec.num_classes)
+  predict_fn = predict.make_predict_fn(config, model, outputs=('features',), spec=dataset.spec)
   logging.info('kNN monitor every %d steps and at step %d: bank %r (%d), test %r, k=%d.',
                period, total_steps, m.train_split, bank, m.test_split, m.k)
 
@@ -103,7 +107,7 @@ def make_hook(config, steps_per_epoch: int, total_steps: int,
       return None
     t0 = time.time()
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    top1 = knn_top1(config, variables, mesh, predict_fn)
+    top1 = knn_top1(config, dataset, variables, mesh, predict_fn)
     logging.info('step %d: kNN (k=%d) top-1 %.4f on %r (%.1f s).', step, m.k, top1,
                  m.test_split, time.time() - t0)
     return {METRIC: top1}

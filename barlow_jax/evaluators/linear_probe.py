@@ -164,7 +164,8 @@ def fit_linear_probe(train_features, train_labels, num_classes: int, *, epochs: 
 
 
 def make_augmented_probe_step(config, model, view: augment.ViewAugment,
-                              tx: optax.GradientTransformation, mean, std, seed: int):
+                              tx: optax.GradientTransformation, mean, std, seed: int,
+                              spec: datasets.DatasetSpec):
   """Jitted ``step(head, batch, variables) -> (head, metrics)`` of the on-the-fly probe.
 
   One program per global batch: augment the uint8 images on the device, run
@@ -190,7 +191,6 @@ def make_augmented_probe_step(config, model, view: augment.ViewAugment,
     {'image': uint8 [N, H, W, 3], 'label': int [N]} with N the global batch,
     ``variables`` the frozen encoder's.
   """
-  spec = datasets.dataset_spec(config.dataset)
   crop, dtype = config.augment.crop_size, jnp.dtype(config.model.dtype)
   base_key = jax.random.PRNGKey(seed)
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
@@ -251,7 +251,7 @@ def train_augmented_probe(config, model, variables, data: pipeline.TrainData,
   mngr = checkpoint.manager(workdir, max_to_keep=1)
   head = checkpoint.restore_latest(mngr, head)
   start = int(head[2])
-  step = make_augmented_probe_step(config, model, view, tx, mean, std, seed)
+  step = make_augmented_probe_step(config, model, view, tx, mean, std, seed, data.spec)
   stream = pipeline.train_dataset(data, batch_size // jax.process_count(), seed, start,
                                   cache=config.cache_dataset,
                                   crops=host_crop.HostCrops(config.augment.crop_size, (view,)))

@@ -29,7 +29,8 @@ PredictFn = Callable[[dict, jax.Array, jax.Array], dict]
 
 
 def make_predict_fn(config, model, view: Optional[augment.ViewAugment] = None,
-                    outputs: Optional[Sequence[str]] = None) -> PredictFn:
+                    outputs: Optional[Sequence[str]] = None, *,
+                    spec: datasets.DatasetSpec) -> PredictFn:
   """Jitted ``(variables, uint8 images, key) -> {output: float32}`` in inference mode.
 
   Images become the network's input through augment.model_inputs: without
@@ -37,9 +38,10 @@ def make_predict_fn(config, model, view: Optional[augment.ViewAugment] = None,
   standardised (``key`` unused); with ``view`` augmented first, example i with
   ``split(key, n)[i]`` for the global batch of n, so a view does not depend on
   the device count. ``outputs`` picks the model outputs (None: all); the rest
-  are not computed. Build it once and reuse it: each call compiles anew.
+  are not computed; ``spec``'s channel mean and std standardise the images
+  (``config`` gives augment.crop_size and model.dtype). Build it once and
+  reuse it: each call compiles anew.
   """
-  spec = datasets.dataset_spec(config.dataset)
   crop = config.augment.crop_size
   dtype = jnp.dtype(config.model.dtype)
 
@@ -59,13 +61,14 @@ def num_eval_batches(builder, split: str, local_batch: int) -> int:
   return max(1, math.ceil(largest / local_batch))
 
 
-def predict_split(config, predict: PredictFn, variables: dict, split: str, batch_size: int,
+def predict_split(dataset: datasets.Dataset, predict: PredictFn, variables: dict, split: str,
+                  batch_size: int,
                   mesh: Optional[Mesh] = None, *, keys: Sequence[str] = ('features',),
                   seed: int = 0, max_examples: Optional[int] = None) -> dict:
   """Outputs of ``predict`` for the labelled examples of ``split``, in the split's order.
 
   Args:
-    config: names the data (dataset, data_dir, download).
+    dataset: from datasets.resolve.
     predict: from make_predict_fn.
     variables: {'params', 'batch_stats'}, replicated over ``mesh``.
     split: TFDS split expression.
@@ -81,8 +84,7 @@ def predict_split(config, predict: PredictFn, variables: dict, split: str, batch
     every process; unlabelled examples (label < 0) are left out.
   """
   mesh = mesh or mesh_lib.make_mesh()
-  spec = datasets.dataset_spec(config.dataset)
-  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
+  builder, spec = dataset.builder, dataset.spec
   local_batch = batch_size // jax.process_count()
   num_batches = num_eval_batches(builder, split, local_batch)
   if max_examples is not None:

@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from barlow_jax.data import datasets
 from barlow_jax.models import encoders
 from barlow_jax.models import heads
 
@@ -57,10 +56,10 @@ class BarlowTwinsModel(nn.Module):
     return {'features': features, 'embeddings': embeddings, 'probe_logits': probe_logits}
 
 
-def create_model(config, axis_name: Optional[str] = None) -> BarlowTwinsModel:
-  """The model described by ``config.model`` (see configs/cifar_bt.py)."""
+def create_model(config, num_classes: int, axis_name: Optional[str] = None) -> BarlowTwinsModel:
+  """The model described by ``config.model`` (see configs/cifar_bt.py); the online probe
+  has ``num_classes`` outputs (the dataset's)."""
   m = config.model
-  num_classes = datasets.dataset_spec(config.dataset).num_classes
   return BarlowTwinsModel(
       encoder=m.encoder, projector=m.projector, num_classes=num_classes,
       width=m.width, stem=m.stem, dtype=jnp.dtype(m.dtype), axis_name=axis_name)
@@ -105,10 +104,11 @@ class SupervisedModel(nn.Module):
     return out
 
 
-def create_supervised_model(config, axis_name: Optional[str] = None) -> SupervisedModel:
-  """The SupervisedModel described by ``config.model`` (see configs/cifar_supervised_bt.py)."""
+def create_supervised_model(config, num_classes: int,
+                            axis_name: Optional[str] = None) -> SupervisedModel:
+  """The SupervisedModel described by ``config.model`` (see configs/cifar_supervised_bt.py),
+  classifying into ``num_classes`` (the dataset's)."""
   m = config.model
-  num_classes = datasets.dataset_spec(config.dataset).num_classes
   return SupervisedModel(
       encoder=m.encoder, num_classes=num_classes, width=m.width, stem=m.stem,
       feature_dim=m.feature_dim, embedding=m.embedding, dtype=jnp.dtype(m.dtype),

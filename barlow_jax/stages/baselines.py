@@ -27,12 +27,10 @@ from barlow_jax.evaluators import metrics
 from barlow_jax.runtime import workdir as workdir_lib
 
 
-def load_pixels(config, split: str):
+def load_pixels(dataset: datasets.Dataset, split: str):
   """All images of a split as flat float32 pixels in [0, 1], with labels, in TFDS order."""
-  spec = datasets.dataset_spec(config.dataset)
-  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
   images, labels = [], []
-  for batch in pipeline.eval_batches(builder, spec, split, 1000):
+  for batch in pipeline.eval_batches(dataset.builder, dataset.spec, split, 1000):
     images.append(batch['image'][batch['mask']])
     labels.append(batch['label'][batch['mask']])
   images = np.concatenate(images)
@@ -65,14 +63,15 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   del allow_config_change
   config_validation.validate_baselines(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  spec = datasets.dataset_spec(config.dataset)
-  datasets.split_size(datasets.get_builder(config.dataset, config.data_dir, config.download),
-                      config.train_split, 'train_split')
-  train_x, train_y = load_pixels(config, config.train_split)
+  dataset = datasets.resolve(config.dataset, data_dir=config.data_dir, download=config.download,
+                             crop_size=0)  # Tuned names only (validate_baselines).
+  spec = dataset.spec
+  datasets.split_size(dataset.builder, config.train_split, 'train_split')
+  train_x, train_y = load_pixels(dataset, config.train_split)
   keep = pipeline.balanced_subset(train_y, config.label_fraction, spec.num_classes,
                                         config.fraction_seed)
   train_x, train_y = train_x[keep], train_y[keep]
-  test_x, test_y = load_pixels(config, spec.test_split)
+  test_x, test_y = load_pixels(dataset, spec.test_split)
   results = {'dataset': config.dataset, 'label_fraction': config.label_fraction,
              'num_train': int(len(train_y)), 'features': 'raw pixels'}
   for name, clf in classifiers(config).items():

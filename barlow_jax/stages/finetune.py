@@ -52,10 +52,13 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
       'feature_dim': 0,  # The classifier reads the encoder output, as in the paper.
       'embedding': ''})
   result.augment.crop_size = pretrained_config.augment.crop_size
+  if pretrained_config.get('data_stats'):  # The encoder's input standardisation.
+    result.data_stats = pretrained_config.data_stats.to_dict()
   return result
 
 
-def probe_classifier(config, encoder: pretrain.Pretrained, mesh) -> dict:
+def probe_classifier(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+                     mesh) -> dict:
   """The classifier's first weights: a linear probe on the labelled fraction (LP-FT).
 
   The probe (evaluators/linear_probe, ``config.probe``) is fitted on the clean
@@ -71,10 +74,11 @@ def probe_classifier(config, encoder: pretrain.Pretrained, mesh) -> dict:
   Returns:
     {'kernel': [F, K], 'bias': [K]} of the classifier.
   """
-  fn = predict.make_predict_fn(encoder.config, encoder.model, None, outputs=('features',))
-  out = predict.predict_split(encoder.config, fn, encoder.variables, config.train_split,
+  fn = predict.make_predict_fn(encoder.config, encoder.model, None, outputs=('features',),
+                               spec=dataset.spec)
+  out = predict.predict_split(dataset, fn, encoder.variables, config.train_split,
                               config.eval.batch_size, mesh, seed=config.seed)
-  num_classes = datasets.dataset_spec(encoder.config.dataset).num_classes
+  num_classes = dataset.spec.num_classes
   keep = np.arange(len(out['label']))  # Split order, as pipeline.load_train_data selects.
   if config.label_fraction < 1.0:
     keep = pipeline.balanced_subset(out['label'], config.label_fraction, num_classes,
@@ -88,11 +92,12 @@ def probe_classifier(config, encoder: pretrain.Pretrained, mesh) -> dict:
   return linear_probe.as_dense(*fitted)
 
 
-def initial_variables(config, encoder: pretrain.Pretrained, mesh) -> dict:
+def initial_variables(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+                      mesh) -> dict:
   """The pretrained encoder and, with head_init 'linear_probe', the probe's classifier."""
   params = {'backbone': encoder.variables['params']['backbone']}
   if config.head_init == 'linear_probe':
-    params['classifier'] = probe_classifier(config, encoder, mesh)
+    params['classifier'] = probe_classifier(config, encoder, dataset, mesh)
   return {'params': params, 'batch_stats': {'backbone': encoder.variables['batch_stats']['backbone']}}
 
 
@@ -111,7 +116,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
                                      {'data_dir': config.data_dir, 'download': config.download})
   source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
+  dataset = datasets.from_config(encoder.config)  # With the statistics pretraining recorded.
   return supervised.run(supervised_config(config, encoder.config), workdir,
-                        init_variables=initial_variables(config, encoder, mesh),
+                        init_variables=initial_variables(config, encoder, dataset, mesh),
                         extra_results=source,
-                        allow_config_change=allow_config_change)
+                        allow_config_change=allow_config_change, dataset=dataset)

@@ -17,7 +17,6 @@ import os
 from absl import logging
 from etils import epath
 import jax
-import ml_collections
 import numpy as np
 
 from barlow_jax import config_validation
@@ -34,6 +33,9 @@ from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import pretrain
 
+# results.md lists the per-class accuracy of datasets with at most this many classes.
+PER_CLASS_MAX = 20
+
 
 def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
   """The encoder to probe and how it was obtained (trained, or the random-init baseline)."""
@@ -43,7 +45,7 @@ def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
                                        overrides)
     return encoder, f'pretrained, step {encoder.step}'
   pretrained_config = pretrain.read_pretrained_config(config.pretrained_workdir, overrides)
-  model = factory.create_model(pretrained_config)
+  model = factory.create_model(pretrained_config, datasets.num_classes(pretrained_config))
   size = pretrained_config.augment.crop_size
   variables = model.init(jax.random.PRNGKey(config.seed),
                          np.zeros((2, size, size, 3), np.float32), train=False)
@@ -51,27 +53,21 @@ def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
           'random init (same architecture)')
 
 
-def probe_data_config(config, pretrained_config) -> ml_collections.ConfigDict:
-  """The pipeline config of the augmented probe's training images.
+def train_probe(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset, train_x,
+                train_y, workdir: str, mesh):
+  """The trained probe's ``predict``: on cached features, or on the fly with augmentation.
 
-  Its ``fraction`` is the label fraction, so load_train_data keeps the same
-  class-balanced subset (same labels, fraction and seed) as the cached features.
+  The augmented probe's images are the label fraction of train_split
+  (load_train_data keeps the same class-balanced subset, same labels,
+  fraction and seed, as the cached features).
   """
-  return ml_collections.ConfigDict({
-      'dataset': pretrained_config.dataset, 'data_dir': pretrained_config.data_dir,
-      'download': pretrained_config.download, 'train_split': config.train_split,
-      'fraction': config.label_fraction, 'fraction_seed': config.fraction_seed})
-
-
-def train_probe(config, encoder: pretrain.Pretrained, train_x, train_y, workdir: str, mesh):
-  """The trained probe's ``predict``: on cached features, or on the fly with augmentation."""
   p = config.probe
   hparams = dict(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
                  momentum=p.momentum, seed=config.seed)
   if not p.augment:
-    num_classes = datasets.dataset_spec(encoder.config.dataset).num_classes
-    return linear_probe.train_linear_probe(train_x, train_y, num_classes, **hparams)
-  data = pipeline.load_train_data(probe_data_config(config, encoder.config))
+    return linear_probe.train_linear_probe(train_x, train_y, dataset.spec.num_classes, **hparams)
+  data = pipeline.load_train_data(dataset, config.train_split, config.label_fraction,
+                                  config.fraction_seed)
   if data.num_global != len(train_y):  # Two selections of the same subset must agree.
     raise RuntimeError(f'The augmented probe sees {data.num_global} training examples, the '
                        f'cached features {len(train_y)}.')
@@ -81,21 +77,21 @@ def train_probe(config, encoder: pretrain.Pretrained, train_x, train_y, workdir:
       mean, std, workdir, mesh=mesh, **hparams)
 
 
-def _features(config, encoder: pretrain.Pretrained, split: str, mesh, view=None):
-  fn = predict.make_predict_fn(encoder.config, encoder.model, view, outputs=('features',))
-  out = predict.predict_split(encoder.config, fn, encoder.variables, split, config.batch_size,
+def _features(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset, split: str, mesh,
+              view=None):
+  fn = predict.make_predict_fn(encoder.config, encoder.model, view, outputs=('features',),
+                               spec=dataset.spec)
+  out = predict.predict_split(dataset, fn, encoder.variables, split, config.batch_size,
                               mesh, seed=config.seed)
   return out['features'], out['label']
 
 
-def check_splits(config, encoder: pretrain.Pretrained):
-  """(the TFDS builder, the test split), once train_split and test_split are known to exist."""
-  builder = datasets.get_builder(encoder.config.dataset, encoder.config.data_dir,
-                                 encoder.config.download)
-  test_split = config.test_split or datasets.dataset_spec(encoder.config.dataset).test_split
-  datasets.split_size(builder, config.train_split, 'train_split')
-  datasets.split_size(builder, test_split, 'test_split')
-  return builder, test_split
+def check_splits(config, dataset: datasets.Dataset) -> str:
+  """The test split, once train_split and test_split are known to exist."""
+  test_split = config.test_split or dataset.spec.test_split
+  datasets.split_size(dataset.builder, config.train_split, 'train_split')
+  datasets.split_size(dataset.builder, test_split, 'test_split')
+  return test_split
 
 
 def record_config(config, workdir: str, allow_config_change: bool) -> None:
@@ -118,10 +114,11 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   encoder, description = load_encoder(config, mesh)
-  spec = datasets.dataset_spec(encoder.config.dataset)
-  builder, test_split = check_splits(config, encoder)
-  train_x, train_y = _features(config, encoder, config.train_split, mesh)
-  test_x, test_y = _features(config, encoder, test_split, mesh)
+  dataset = datasets.from_config(encoder.config)  # With the statistics pretraining recorded.
+  spec = dataset.spec
+  test_split = check_splits(config, dataset)
+  train_x, train_y = _features(config, encoder, dataset, config.train_split, mesh)
+  test_x, test_y = _features(config, encoder, dataset, test_split, mesh)
   if config.label_fraction < 1.0:
     keep = pipeline.balanced_subset(train_y, config.label_fraction, spec.num_classes,
                                     config.fraction_seed)
@@ -135,7 +132,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
     scores = knn.knn_scores(train_x, train_y, test_x, spec.num_classes, k, config.knn.temperature)
     results[f'knn_k{k}'] = metrics.classification_metrics(scores, test_y, spec.num_classes)
   record_config(config, workdir, allow_config_change)
-  classify = train_probe(config, encoder, train_x, train_y, workdir, mesh)
+  classify = train_probe(config, encoder, dataset, train_x, train_y, workdir, mesh)
   results['linear'] = metrics.classification_metrics(classify(test_x), test_y, spec.num_classes)
   # How the probe was trained: on cached clean features, or on augmented views.
   view = augment.view_from_config(config.probe.view)
@@ -145,12 +142,27 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   # The same probe on test images through probe.view (crop + flip): how much
   # of the accuracy survives the augmentations the representation should be
   # invariant to (Ramyaa (2022) reports this as "aug test" accuracy).
-  aug_x, aug_y = _features(config, encoder, test_split, mesh, view)
+  aug_x, aug_y = _features(config, encoder, dataset, test_split, mesh, view)
   results['linear_aug_test'] = metrics.classification_metrics(classify(aug_x), aug_y,
                                                               spec.num_classes)
-  results['class_names'] = list(builder.info.features['label'].names)
+  results['class_names'] = dataset.class_names
   write_results(results, workdir, encoder.config)
   return results
+
+
+def per_class_table(class_names, accuracy, confusion,
+                    max_classes: int = PER_CLASS_MAX) -> list[str]:
+  """results.md lines: the linear probe's test accuracy of each class, by name.
+
+  Only up to ``max_classes`` classes (beyond, the table would drown the
+  summary; results.json has every class's accuracy).
+  """
+  if len(class_names) > max_classes:
+    return []
+  return ['', workdir_lib.markdown_table(
+      ('class', 'linear top-1', 'test images'),
+      [(name, f'{100 * acc:.2f}', sum(row)) for name, acc, row in zip(class_names, accuracy,
+                                                                      confusion)])]
 
 
 def write_results(results: dict, workdir: str, pretrained_config) -> None:
@@ -174,4 +186,6 @@ def write_results(results: dict, workdir: str, pretrained_config) -> None:
                ('classifier', 'top-1', 'top-5', 'micro', 'macro-F1'),
                [(k, *(f'{100 * v[m]:.2f}' for m in ('top1', 'top5', 'micro', 'macro')))
                 for k, v in rows])]
+  lines += per_class_table(results['class_names'], results['linear']['per_class_accuracy'],
+                           results['linear']['confusion_matrix'])
   workdir_lib.write_results(workdir, results, '\n'.join(lines) + '\n')

@@ -71,13 +71,17 @@ def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
   config_validation.validate_pretrain(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
-  data = pipeline.load_train_data(config)
+  dataset = datasets.from_config(config)
+  datasets.record_stats(config, dataset)
+  data = pipeline.load_train_data(dataset, config.train_split, config.fraction,
+                                  config.fraction_seed)
   length = trainer.Length.of(config, data.num_global)
-  model = factory.create_model(config, axis_name=DATA_AXIS)
-  hooks = [knn_monitor.make_hook(config, length.steps_per_epoch, length.total_steps, mesh)]
+  model = factory.create_model(config, dataset.spec.num_classes, axis_name=DATA_AXIS)
+  hooks = [knn_monitor.make_hook(config, dataset, length.steps_per_epoch, length.total_steps,
+                                 mesh)]
   # Built on first use: after trainer.fit has checked the workdir (bad input
   # exits before anything is compiled), then once.
-  two_views = functools.cache(lambda: make_two_view_fn(config))
+  two_views = functools.cache(lambda: make_two_view_fn(config, dataset))
   hooks.append(make_image_hook(two_views, config.checkpoint.every_steps, length.total_steps))
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.lambd), data, mesh,
                       num_views=2, console_keys=CONSOLE_KEYS, hooks=[h for h in hooks if h],
@@ -97,21 +101,21 @@ class TwoViews(NamedTuple):
   step: int  # Of the weights.
 
 
-def make_two_view_fn(config, num_images: int = 256):
+def make_two_view_fn(config, dataset: datasets.Dataset, num_images: int = 256):
   """``fn(variables, step) -> TwoViews`` on the first ``num_images`` test images.
 
   ``variables`` is {'params', 'batch_stats'} (of a TrainState or
   load_pretrained), replicated over a mesh; ``step`` only labels the result.
+  The images are ``dataset``'s (datasets.resolve), of its test split.
 
   The images and the augmentation keys are fixed, so the views are the same
   at every call and C changes only with the weights. BatchNorm runs in
   inference mode, on this process's first device (compiled once, here).
   """
-  spec = datasets.dataset_spec(config.dataset)
-  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
-  batch = next(pipeline.eval_batches(builder, spec, spec.test_split, num_images))
+  spec = dataset.spec
+  batch = next(pipeline.eval_batches(dataset.builder, spec, spec.test_split, num_images))
   images = batch['image'][batch['mask']]
-  model = factory.create_model(config)
+  model = factory.create_model(config, spec.num_classes)
   aug = config.augment
   views = [augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)]
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
@@ -220,7 +224,7 @@ def load_pretrained(workdir: str, mesh, step: Optional[int] = None,
     CheckpointError: no such checkpoint, unreadable, or not this architecture.
   """
   config = read_pretrained_config(workdir, data_overrides)
-  model = factory.create_model(config)
+  model = factory.create_model(config, datasets.num_classes(config))
   size = config.augment.crop_size
   expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((2, size, size, 3)), train=False))

@@ -32,7 +32,6 @@ from typing import Optional
 from absl import logging
 from etils import epath
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -101,20 +100,22 @@ def train_split(config) -> str:
   return config.train_split
 
 
-def predict_fns(config, model: factory.SupervisedModel) -> dict:
+def predict_fns(config, model: factory.SupervisedModel, spec: datasets.DatasetSpec) -> dict:
   """{None: no augmentation, 'view1': ..., 'view2': ...} prediction functions."""
-  fns = {None: predict.make_predict_fn(config, model, None)}
+  fns = {None: predict.make_predict_fn(config, model, None, spec=spec)}
   for name in ('view1', 'view2'):
     fns[name] = predict.make_predict_fn(config, model,
-                                        augment.view_from_config(config.augment[name]))
+                                        augment.view_from_config(config.augment[name]), spec=spec)
   return fns
 
 
-def evaluate_accuracy(config, fns: dict, variables: dict, mesh: Mesh) -> dict:
+def evaluate_accuracy(config, dataset: datasets.Dataset, fns: dict, variables: dict,
+                      mesh: Mesh) -> dict:
   """Classification metrics on train, test and augmented test.
 
   Args:
     config: the supervised config.
+    dataset: its resolved dataset.
     fns: from predict_fns.
     variables: the model's variables, replicated over ``mesh``.
     mesh: the data mesh.
@@ -122,15 +123,15 @@ def evaluate_accuracy(config, fns: dict, variables: dict, mesh: Mesh) -> dict:
   Returns:
     {'train': metrics, 'test': metrics, 'aug_test': metrics}.
   """
-  num_classes = datasets.dataset_spec(config.dataset).num_classes
+  num_classes = dataset.spec.num_classes
   sources = {'train': (config.eval.train_split, None),
              'test': (config.eval.test_split, None),
              'aug_test': (config.eval.test_split, config.eval.aug_view)}
   results = {}
   for name in SPLITS:
     split, view = sources[name]
-    out = predict.predict_split(config, fns[view], variables, split, config.eval.batch_size, mesh,
-                                keys=('logits',), seed=config.seed)
+    out = predict.predict_split(dataset, fns[view], variables, split, config.eval.batch_size,
+                                mesh, keys=('logits',), seed=config.seed)
     results[name] = metrics_lib.classification_metrics(out['logits'], out['label'], num_classes)
     if name == 'train' and _trained_on_a_fraction(config):
       # The 'train' row covers every labelled image of the split; whether the
@@ -149,8 +150,8 @@ def _trained_on_a_fraction(config) -> bool:
   return config.fraction < 1.0 and config.eval.train_split == train_split(config)
 
 
-def embedding_figures(config, fns: dict, variables: dict, mesh: Mesh, workdir: str,
-                      class_names, title: str) -> dict:
+def embedding_figures(config, dataset: datasets.Dataset, fns: dict, variables: dict, mesh: Mesh,
+                      workdir: str, title: str) -> dict:
   """PCA / t-SNE PNGs of augmented train images and the C heatmap of one batch.
 
   Writes embeddings_pca.png, embeddings_tsne.png (config.plots.tsne),
@@ -161,11 +162,11 @@ def embedding_figures(config, fns: dict, variables: dict, mesh: Mesh, workdir: s
     {'mean_diag_c': mean of diag(C), 'mean_abs_offdiag_c': mean |C_ij|, i != j}.
   """
   n, split = config.plots.num_examples, config.eval.train_split
-  out1 = predict.predict_split(config, fns['view1'], variables, split, config.eval.batch_size,
+  out1 = predict.predict_split(dataset, fns['view1'], variables, split, config.eval.batch_size,
                                mesh, keys=('representation', 'embeddings'), seed=config.seed,
                                max_examples=n)
   # The other branch of the same images, for C (another seed: independent draws).
-  out2 = predict.predict_split(config, fns['view2'], variables, split, config.eval.batch_size,
+  out2 = predict.predict_split(dataset, fns['view2'], variables, split, config.eval.batch_size,
                                mesh, keys=('embeddings',), seed=config.seed + 1,
                                max_examples=min(n, config.batch_size))
   batch = len(out2['embeddings'])
@@ -179,30 +180,31 @@ def embedding_figures(config, fns: dict, variables: dict, mesh: Mesh, workdir: s
   points = {m: plots.project_2d(features, m, config.seed) for m in methods}
   for m, p in points.items():
     plots.embeddings_png([(p, labels, title)], os.path.join(workdir, f'embeddings_{m}.png'),
-                         class_names, f'{m.upper()} of augmented train {config.plots.features}')
+                         dataset.class_names,
+                         f'{m.upper()} of augmented train {config.plots.features}')
   with (epath.Path(workdir) / 'embeddings_2d.npz').open('wb') as f:
     np.savez(f, labels=labels, **points)
   off = c[~np.eye(len(c), dtype=bool)]
   return {'mean_diag_c': float(np.diag(c).mean()), 'mean_abs_offdiag_c': float(np.abs(off).mean())}
 
 
-def load_data(config) -> pipeline.TrainData:
+def load_data(config, dataset: datasets.Dataset) -> pipeline.TrainData:
   """The training set (train_split, plus the unlabelled split when BT uses it).
 
   The evaluation splits are checked too, so that a typo fails now and not
   after training.
   """
-  data_config = ml_collections.ConfigDict(config.to_dict())
-  data_config.train_split = train_split(config)
-  data = pipeline.load_train_data(data_config)
+  split = train_split(config)
+  data = pipeline.load_train_data(dataset, split, config.fraction, config.fraction_seed)
   for key in ('train_split', 'test_split'):
     datasets.split_size(data.builder, config.eval[key], f'eval.{key}')
-  logging.info('Split %r, gamma %g.', data_config.train_split, config.gamma)
+  logging.info('Split %r, gamma %g.', split, config.gamma)
   return data
 
 
 def run(config, workdir: str, init_variables: Optional[dict] = None,
-        extra_results: Optional[dict] = None, allow_config_change: bool = False) -> dict:
+        extra_results: Optional[dict] = None, allow_config_change: bool = False,
+        dataset: Optional[datasets.Dataset] = None) -> dict:
   """Trains, evaluates and writes results into ``workdir``; resumes if interrupted.
 
   Args:
@@ -213,6 +215,8 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
     extra_results: added to results.json (e.g. where the encoder came from).
     allow_config_change: resume a run recorded with another config instead
       of refusing (trainer.fit).
+    dataset: config.dataset already resolved (fine-tuning resolves it with
+      the pretraining's statistics); None resolves it here.
 
   Returns:
     The results dict written to results.json.
@@ -220,8 +224,10 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
   config_validation.validate_supervised(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
-  model = factory.create_supervised_model(config, axis_name=DATA_AXIS)
-  data = load_data(config)
+  dataset = dataset or datasets.from_config(config)
+  datasets.record_stats(config, dataset)
+  model = factory.create_supervised_model(config, dataset.spec.num_classes, axis_name=DATA_AXIS)
+  data = load_data(config, dataset)
   num_train = data.num_global
   total_steps = trainer.Length.of(config, num_train).total_steps
   state = trainer.fit(config, workdir, model, make_loss_fn(model, config.gamma, config.lambd),
@@ -230,14 +236,13 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
   writer = writers.create(workdir, config)
   try:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    fns = predict_fns(config, model)
-    metrics = evaluate_accuracy(config, fns, variables, mesh)
+    fns = predict_fns(config, model, dataset.spec)
+    metrics = evaluate_accuracy(config, dataset, fns, variables, mesh)
     writer.write_scalars(total_steps, {f'eval/{k}_accuracy': m['top1'] for k, m in metrics.items()})
   finally:
     writer.flush()
 
-  builder = datasets.get_builder(config.dataset, config.data_dir, config.download)
-  class_names = list(builder.info.features['label'].names)
+  class_names = dataset.class_names
   results = {
       'gamma': float(config.gamma), 'seed': int(config.seed), 'lambd': float(config.lambd),
       'ablation': config.get('ablation'), 'dataset': config.dataset,
@@ -249,7 +254,7 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
       **metrics, 'class_names': class_names, **(extra_results or {}),
   }
   if config.plots.num_examples > 0 and config.model.embedding and config.num_branches == 2:
-    results.update(embedding_figures(config, fns, variables, mesh, workdir, class_names,
+    results.update(embedding_figures(config, dataset, fns, variables, mesh, workdir,
                                      f'gamma = {config.gamma:g}'))
   write_results(results, workdir)
   return results
