@@ -15,7 +15,11 @@ Python level as absl sets it and the C++ level at INFO: all of it comes back.
 
 import logging
 import os
+import sys
 from typing import Sequence
+
+from absl import flags as absl_flags
+from absl import logging as absl_logging
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 # Python loggers that are not absl's, and the least severe level they may show.
@@ -55,3 +59,17 @@ def quiet_libraries() -> None:
   logging.root.setLevel(logging.WARNING)  # Every named library logger.
   for name, level in LIBRARY_LEVELS.items():
     logging.getLogger(name).setLevel(level)
+
+
+def report(message: str) -> None:
+  """Prints ``message`` (an error ending the run) once to stderr, and to absl's log file if any.
+
+  absl writes its records to stderr unless it logs to a file: logging the
+  message as well as printing it showed every exit message twice.
+  """
+  stream = getattr(absl_logging.get_absl_handler().python_handler, 'stream', None)
+  flags = absl_flags.FLAGS
+  to_stderr = flags.is_parsed() and 'logtostderr' in flags and flags['logtostderr'].value
+  if stream not in (None, sys.stderr, sys.__stderr__) and not to_stderr:  # A log file.
+    absl_logging.error('%s', message)
+  print(message, file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ from typing import Optional
 import tensorflow_datasets as tfds
 
 from barlow_jax.data import download as download_lib
+from barlow_jax.data import integrity
 from barlow_jax.errors import ConfigError, DatasetNotFoundError
 
 
@@ -57,15 +58,21 @@ def get_builder(name: str, data_dir: Optional[str], download: bool) -> tfds.core
     DatasetNotFoundError: not prepared in ``data_dir`` and ``download`` is False.
     DatasetDownloadError: (a DatasetNotFoundError) not prepared, and the download
       host is unreachable or the download failed (data/download.py).
+    DatasetCorruptError: its metadata is unreadable, or a file is missing or
+      truncated (data/integrity.py).
   """
   spec = dataset_spec(name)
-  builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except  # A garbled dataset_info.json: json, protobuf.
+    raise integrity.unreadable_metadata(spec.tfds_name, data_dir, e) from None
   if not builder.is_prepared():
     if not download:
       raise DatasetNotFoundError(
           f'Dataset {spec.tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
           '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
     download_lib.prepare(builder, spec.tfds_name)
+  integrity.check_files(builder)  # A truncated or missing file: exit 2 before anything runs.
   return builder
 
 
