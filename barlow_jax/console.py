@@ -2,7 +2,7 @@
 
 By default the console shows barlow_jax's own lines (start-up summary,
 progress every ``log_every`` steps, the kNN monitor, saves, the end) and every
-library's warnings and errors. Orbax, TFDS and clu log their INFO lines through
+library's warnings and errors (one line each: their tracebacks are dropped). Orbax, TFDS and clu log their INFO lines through
 absl's one Python logger ('absl'), as barlow_jax does, so a logger level cannot
 tell them apart: a filter on that logger keeps INFO records whose source file
 is in this package. Named Python loggers (JAX's backend probe, TensorFlow)
@@ -44,7 +44,28 @@ def quiet_native_logs(argv: Sequence[str]) -> None:
 
 
 def _from_this_package(record: logging.LogRecord) -> bool:
-  return record.levelno >= logging.WARNING or record.pathname.startswith(_PACKAGE_DIR)
+  """Keeps this package's records and every library's warnings and errors, the latter without
+  their tracebacks: after a full disk Orbax's and clu's threads logged ~190 lines of them
+  before the one message that says what happened and what to do (exit 74)."""
+  if record.pathname.startswith(_PACKAGE_DIR):
+    return True
+  if record.levelno < logging.WARNING:
+    return False
+  record.exc_info, record.exc_text, record.stack_info = None, None, None
+  return True
+
+
+def _quiet_closed_loop_errors(hook):
+  """sys.excepthook without "RuntimeError: Event loop is closed": TensorStore calling back
+  into an asyncio loop Orbax already closed after a failed save or restore; no state of
+  ours is involved."""
+
+  def excepthook(kind, value, traceback):
+    if kind is RuntimeError and str(value) == 'Event loop is closed':
+      return
+    hook(kind, value, traceback)
+
+  return excepthook
 
 
 def quiet_libraries() -> None:
@@ -59,6 +80,7 @@ def quiet_libraries() -> None:
   logging.root.setLevel(logging.WARNING)  # Every named library logger.
   for name, level in LIBRARY_LEVELS.items():
     logging.getLogger(name).setLevel(level)
+  sys.excepthook = _quiet_closed_loop_errors(sys.excepthook)
 
 
 def report(message: str) -> None:

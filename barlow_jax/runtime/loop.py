@@ -87,7 +87,8 @@ def _saving(mngr: ocp.CheckpointManager, step: Optional[int], action: Callable[[
     complete = checkpoint.complete_steps(directory)
     which = f'step {max(partial)}' if partial else ('' if step is None else f'step {step}')
     raise CheckpointSaveError(
-        f'Saving checkpoint {which} into {directory} failed: {type(e).__name__}: {e}. The '
+        f'Saving checkpoint{f" {which}" if which else ""} into {directory} failed: '
+        f'{type(e).__name__}: {e}. The '
         f'partial checkpoint was removed; the last complete checkpoint is '
         f'{f"step {complete[-1]}" if complete else "none"}. Free space (or fix the permissions) '
         'there and run the same command again to resume from it.') from e
