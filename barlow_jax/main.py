@@ -49,7 +49,8 @@ def _stop_during_imports(signum, frame) -> None:
 
 if __name__ == '__main__':  # The command line only, not an importing test or notebook.
   for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    if signal.getsignal(_signum) != signal.SIG_IGN:  # Kept ignored: nohup, a background job.
+    # SIGINT and SIGHUP stay ignored if they are (nohup, a background job): as distributed.py.
+    if _signum == signal.SIGTERM or signal.getsignal(_signum) != signal.SIG_IGN:
       signal.signal(_signum, _stop_during_imports)
   # Before TensorFlow loads (it reads its C++ log level once): a quiet console.
   from barlow_jax import console as _console  # pylint: disable=g-import-not-at-top
