@@ -55,17 +55,26 @@ def _from_this_package(record: logging.LogRecord) -> bool:
   return True
 
 
-def _quiet_closed_loop_errors(hook):
-  """sys.excepthook without "RuntimeError: Event loop is closed": TensorStore calling back
-  into an asyncio loop Orbax already closed after a failed save or restore; no state of
-  ours is involved."""
+def _closed_loop(kind, value) -> bool:
+  """Whether an error is "RuntimeError: Event loop is closed": TensorStore calling back into
+  an asyncio loop Orbax closed after a failed save or restore; no state of ours is involved."""
+  return kind is RuntimeError and str(value) == 'Event loop is closed'
 
-  def excepthook(kind, value, traceback):
-    if kind is RuntimeError and str(value) == 'Event loop is closed':
-      return
-    hook(kind, value, traceback)
 
-  return excepthook
+def _quiet_closed_loop_errors() -> None:
+  """sys.excepthook and sys.unraisablehook (TensorStore's threads report through the latter)
+  without _closed_loop's errors, which came by the dozen after a full disk."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, value, traceback):
+    if not _closed_loop(kind, value):
+      excepthook(kind, value, traceback)
+
+  def quiet_unraisablehook(unraisable):
+    if not _closed_loop(unraisable.exc_type, unraisable.exc_value):
+      unraisablehook(unraisable)
+
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
 
 
 def quiet_libraries() -> None:
@@ -80,7 +89,7 @@ def quiet_libraries() -> None:
   logging.root.setLevel(logging.WARNING)  # Every named library logger.
   for name, level in LIBRARY_LEVELS.items():
     logging.getLogger(name).setLevel(level)
-  sys.excepthook = _quiet_closed_loop_errors(sys.excepthook)
+  _quiet_closed_loop_errors()
 
 
 def report(message: str) -> None:
