@@ -8,10 +8,11 @@ before anything is compiled and with the workdir untouched. The other
 statuses are for runs that started well and stopped: 3 when the loss became
 non-finite (the last good checkpoint is kept), 74 when a checkpoint could not
 be written (disk full, permissions: the partial one is removed, the message
-names the directory and the last complete checkpoint), 75 when SIGTERM or
-SIGINT stopped the run: inside a training loop after a complete save, outside
-one (start-up, compiling, evaluation, between the runs of a sweep) at once
-with nothing to save (run the same command again to resume).
+names the directory and the last complete checkpoint), 75 when SIGTERM,
+SIGINT or SIGHUP stopped the run: inside a training loop after a complete
+save, outside one (start-up, compiling, evaluation, writing results, between
+the runs of a sweep) at once with nothing to save (run the same command again
+to resume). docs/operations.md lists every fault and signal.
 """
 
 EXIT_BAD_INPUT = 2
@@ -40,6 +41,10 @@ class DatasetDownloadError(DatasetNotFoundError):
   """The dataset is missing and its download failed or its host is unreachable."""
 
 
+class DatasetCorruptError(BadInput, OSError):
+  """A file of the prepared dataset is missing, truncated or unreadable; prepare it again."""
+
+
 class ConfigChangedError(BadInput, ValueError):
   """The workdir holds a run recorded with another config; the message lists the differing keys."""
 
@@ -53,7 +58,7 @@ class WorkdirError(BadInput, OSError):
 
 
 class Preempted(Exception):
-  """The run saved a checkpoint and stopped because of SIGTERM or SIGINT; rerun to resume."""
+  """The run saved a checkpoint and stopped because of SIGTERM, SIGINT or SIGHUP; rerun to resume."""
 
 
 class CheckpointSaveError(Exception):

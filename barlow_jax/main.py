@@ -21,23 +21,26 @@ workdir recorded, unusable, busy or wrong kind of workdir), before anything
 is compiled and with the workdir untouched; 3 a non-finite loss (the last good
 checkpoint is kept); 74 a checkpoint could not be written (disk full,
 permissions; the message names the directory and the last complete
-checkpoint); 75 stopped by SIGTERM or SIGINT (Ctrl-C): inside a training loop
-after saving a checkpoint of the current step, outside one (start-up,
-compiling, evaluation, between the runs of a sweep) at once, with nothing new
-to save. Run the same command again to resume.
+checkpoint); 75 stopped by SIGTERM, SIGINT (Ctrl-C) or SIGHUP: inside a
+training loop after saving a checkpoint of the current step (after the last
+step: once its save is complete), outside one (start-up, compiling,
+evaluation, writing results, between the runs of a sweep) at once, with
+nothing new to save. Run the same command again to resume. docs/operations.md
+lists every fault and signal.
 
 Several processes (TPU pod, GPU cluster, or launch/local_multiprocess.sh):
 ``--distributed`` (JAX detects TPU VMs and SLURM) or ``--coordinator_address``
 with ``--num_processes`` and ``--process_id``; nothing changes in the config.
 """
 
+import contextlib
 import os
 import signal
 import sys
 
 
 def _stop_during_imports(signum, frame) -> None:
-  """SIGTERM or SIGINT while the modules below load: nothing to save, exit 75 at once."""
+  """A stop signal while the modules below load: nothing to save, exit 75 at once."""
   del frame
   print(f'Stopped by {signal.Signals(signum).name} during start-up: nothing to save; run the '
         'same command again to resume.', file=sys.stderr, flush=True)
@@ -45,8 +48,10 @@ def _stop_during_imports(signum, frame) -> None:
 
 
 if __name__ == '__main__':  # The command line only, not an importing test or notebook.
-  signal.signal(signal.SIGTERM, _stop_during_imports)
-  signal.signal(signal.SIGINT, _stop_during_imports)
+  for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    # SIGINT and SIGHUP stay ignored if they are (nohup, a background job): as distributed.py.
+    if _signum == signal.SIGTERM or signal.getsignal(_signum) != signal.SIG_IGN:
+      signal.signal(_signum, _stop_during_imports)
   # Before TensorFlow loads (it reads its C++ log level once): a quiet console.
   from barlow_jax import console as _console  # pylint: disable=g-import-not-at-top
   _console.quiet_native_logs(sys.argv)
@@ -106,10 +111,8 @@ flags.DEFINE_bool('allow_config_change', False, 'Resume a workdir (or redo a fin
 _HINT = '\nPass --helpshort or --helpfull to see help on flags.'
 
 
-def _fail(status: int, message: str, log: bool = True) -> None:
-  if log:  # Goes to the log file too, when absl logs to one.
-    logging.error('%s', message)
-  print(message, file=sys.stderr)
+def _fail(status: int, message: str) -> None:
+  console.report(message)  # Once on the console, and in absl's log file when it writes one.
   sys.exit(status)
 
 
@@ -136,19 +139,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     FLAGS.config.keys()  # ml_collections defers config-file errors to the first access.
     return argv
   except errors.ConfigError as e:
-    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {e}{_HINT}', log=False)
+    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {e}{_HINT}')
   except flags.Error as e:
-    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {e}{_HINT}', log=False)
+    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {e}{_HINT}')
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for --config.<key> when the config has no such key.
     while e.args and isinstance(e.args[0], BaseException):
       e = e.args[0]
     _fail(errors.EXIT_BAD_INPUT, 'FATAL Flags parsing error: unknown config key '
-          f'{e.args[0] if e.args else e}{_HINT}', log=False)
+          f'{e.args[0] if e.args else e}{_HINT}')
   except Exception as e:  # pylint: disable=broad-except
     # Loading the config file or converting an override value: still the command line's fault.
-    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {type(e).__name__}: {e}{_HINT}',
-          log=False)
+    _fail(errors.EXIT_BAD_INPUT, f'FATAL Flags parsing error: {type(e).__name__}: {e}{_HINT}')
 
 
 def absolute_paths(config) -> None:
@@ -163,9 +165,36 @@ def absolute_paths(config) -> None:
           os.path.expanduser(c.dataset[len(folders.PREFIX):]))
 
 
+def _new_dirs(path: str) -> list[str]:
+  """``path`` and those of its parents that do not exist yet, deepest first."""
+  out = []
+  while path and not os.path.lexists(path):
+    out.append(path)
+    parent = os.path.dirname(path)
+    path = parent if parent != path else ''
+  return out
+
+
+def _remove_new_workdir(created: list[str]) -> None:
+  """Removes the workdir (and parents) a refused run created, if they hold only its lock file.
+
+  Bad input leaves no trace: the lock is taken (creating the workdir) before
+  the mode checks its config.
+  """
+  if not created or jax.process_index() != 0:
+    return
+  lock = os.path.join(created[0], distributed.LOCK_FILE)
+  with contextlib.suppress(OSError):
+    if os.path.isdir(created[0]) and os.listdir(created[0]) == [distributed.LOCK_FILE]:
+      os.remove(lock)
+    for path in created:
+      os.rmdir(path)  # Only if empty: stops at the first directory holding anything.
+
+
 def run(config, workdir: str, allow_config_change: bool = False) -> None:
   """Runs ``config.mode`` into ``workdir`` under the workdir lock, mapping errors to exit codes."""
   mode = config.get('mode', 'pretrain')
+  created = [] if '://' in workdir else _new_dirs(workdir)
   try:
     if mode not in MODES:
       raise errors.ConfigError(f'config.mode={mode!r} is not one of {sorted(MODES)}.')
@@ -175,8 +204,10 @@ def run(config, workdir: str, allow_config_change: bool = False) -> None:
       MODES[mode](config, workdir, allow_config_change=allow_config_change)
     logging.info('Done: %s into %s.', mode, workdir)
   except errors.ConfigError as e:
+    _remove_new_workdir(created)
     _fail(errors.EXIT_BAD_INPUT, f'Invalid config: {e}')
   except errors.BadInput as e:
+    _remove_new_workdir(created)
     _fail(errors.EXIT_BAD_INPUT, f'{type(e).__name__}: {e}')
   except FloatingPointError as e:
     _fail(errors.EXIT_DIVERGED, f'Training diverged: {e}')
@@ -205,7 +236,16 @@ def main(argv):
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   workdir = FLAGS.workdir if '://' in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
-  run(FLAGS.config, workdir, FLAGS.allow_config_change)
+  try:
+    run(FLAGS.config, workdir, FLAGS.allow_config_change)
+  except SystemExit as e:
+    # The message is printed, every checkpoint complete and the lock released:
+    # no teardown, whose Orbax and tf.data threads printed tracebacks ("Event
+    # loop is closed") after a failed restore.
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(e.code if isinstance(e.code, int) else 1)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -11,19 +11,27 @@ keeping its last good checkpoint.
 """
 
 import concurrent.futures
+import itertools
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import cli_runs
 from barlow_jax import config_files
+from barlow_jax import errors
 from barlow_jax import main
+from barlow_jax.data import datasets
+from barlow_jax.data import integrity
+from barlow_jax.data import pipeline
 from conftest import (DATA_DIR, REPO, cifar10_split_sizes, needs_cifar10, pretraining_workdir, tiny_config,
                       tiny_supervised_config)
 from conftest import snapshot as _snapshot
@@ -97,6 +105,8 @@ def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path,
   busy = tmp_path / 'busy'
   busy.mkdir()
   holder = _locked_by_another_process(busy)
+  damaged_data = tiny_config()
+  damaged_data.data_dir = str(_damaged_copy(tmp_path / 'damaged', lambda b: b[:len(b) // 8]))
 
   # (name, workdir, command, what stderr must say)
   cases = [
@@ -112,7 +122,10 @@ def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path,
       ('dataset missing', tmp_path / 'w4', cli_runs.main_cmd(tmp_path / 'w4', no_data),
        ["Dataset 'cifar10' is not prepared", str(empty_data_dir)]),
       ('corrupt checkpoint', corrupt, cli_runs.main_cmd(corrupt, config),
-       ['CheckpointError', f'{corrupt}/checkpoints/2', 'corrupt', 'aside to resume']),
+       ['CheckpointError: Checkpoint step 2', f'{corrupt}/checkpoints/2', 'damaged file: '
+        f'{corrupt}/checkpoints/2/', f'mv {corrupt}/checkpoints/2 ', 'Nothing was changed']),
+      ('damaged dataset', tmp_path / 'w5', cli_runs.main_cmd(tmp_path / 'w5', damaged_data),
+       ['DatasetCorruptError', _train_file(damaged_data.data_dir), 'truncated', 'Delete ']),
       # Allowed to differ from the recorded config, the checkpoint still has to fit the model.
       ('incompatible checkpoint', good, cli_runs.main_cmd(good, wider, '--allow_config_change'),
        ['CheckpointError', 'another architecture', "params['backbone']"]),
@@ -136,12 +149,14 @@ def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path,
     problems += [f'no {m!r} in stderr' for m in messages if m not in result.stderr]
     # No exception of ours escaped (Orbax/tensorstore threads may print their own
     # teardown noise after a failed restore; that is theirs, not an escaped error).
-    problems += [s for s in (f'File "{REPO}/barlow_jax', 'Compiled the train step')
-                 if s in result.stderr]
+    problems += [s for s in ('Traceback', 'Compiled the train step') if s in result.stderr]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    problems += [f'{lines.count(m)} times: {m}' for m in set(lines) if lines.count(m) > 1]
+    problems += [f'{len(lines)} lines'] if len(lines) > 20 else []
     if before[name] is not None and _snapshot(workdir) != before[name]:
       problems.append('workdir changed')
-    if before[name] is None and workdir.exists() and os.listdir(workdir) not in ([], ['.lock']):
-      problems.append(f'new workdir holds {os.listdir(workdir)}')
+    if before[name] is None and workdir.exists():
+      problems.append(f'new workdir left behind, holding {os.listdir(workdir)}')
     if problems:
       failures.append(f'{name}: {problems}\n{result.stderr[-2000:]}')
   assert not failures, '\n\n'.join(failures)
@@ -256,10 +271,170 @@ def test_each_bad_input_in_process_exits_2_with_a_short_message_and_the_workdir_
       problems.append(f'{len(stderr)} characters of message')
     if before is not None and _snapshot(workdir) != before:
       problems.append('workdir changed')
-    if before is None and workdir.exists() and os.listdir(workdir) not in ([], ['.lock']):
-      problems.append(f'new workdir holds {os.listdir(workdir)}')
+    if before is None and workdir.exists():
+      problems.append(f'new workdir left behind, holding {os.listdir(workdir)}')
+    if stderr.count(stderr.strip().splitlines()[-1]) != 1:
+      problems.append('message printed twice')
     if problems:
       failures.append(f'{name}: {problems}\n{stderr[-2000:]}')
   assert not failures, '\n\n'.join(failures)
   assert not (good / 'config_changes.json').exists()
   assert json.loads((good / 'config.json').read_text())['batch_size'] == 16
+
+
+# ---------------------------------------------------------------------------
+# Damaged prepared data: exit 2 naming the dataset, the file and what to do,
+# within seconds (a short train file once made the stream spin forever).
+
+
+def _record_ends(path) -> list[int]:
+  """Byte offsets at which the TFRecord records of ``path`` end (its framing, read directly)."""
+  ends, offset, data = [], 0, pathlib.Path(path).read_bytes()
+  while offset < len(data):
+    offset += 16 + int.from_bytes(data[offset:offset + 8], 'little')
+    ends.append(offset)
+  return ends
+
+
+def _damaged_copy(root: pathlib.Path, damage) -> pathlib.Path:
+  """A copy of DATA_DIR's cifar10 under ``root`` whose train file ``damage(bytes)`` rewrote.
+
+  The metadata is copied, the test file linked: a few MB written per copy.
+  """
+  source = next((pathlib.Path(DATA_DIR) / 'cifar10').iterdir())
+  copy = root / 'cifar10' / source.name
+  copy.mkdir(parents=True)
+  for f in source.iterdir():
+    if '-train.' in f.name:
+      (copy / f.name).write_bytes(damage(f.read_bytes()))
+    elif '-test.' in f.name:
+      (copy / f.name).symlink_to(f)
+    else:
+      (copy / f.name).write_bytes(f.read_bytes())
+  return root
+
+
+def _train_file(data_dir) -> str:
+  return str(next(pathlib.Path(data_dir).glob('cifar10/*/cifar10-train.tfrecord-*')))
+
+
+def _read_in_thread(fn, timeout: float = 60):
+  """(result or exception, seconds) of ``fn()``; fails the test if it is still running after
+  ``timeout`` (a spinning reader would otherwise hang the suite)."""
+  out = []
+  start = time.time()
+
+  def target():
+    try:
+      out.append(fn())
+    except Exception as e:  # pylint: disable=broad-except
+      out.append(e)
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  assert out, f'still reading after {timeout} s'
+  return out[0], time.time() - start
+
+
+@needs_cifar10
+def test_damaged_train_files_are_refused_before_reading_naming_the_file(tmp_path):
+  """get_builder (every stage's way to the data) checks sizes and metadata before anything runs."""
+  train = _train_file(DATA_DIR)
+  ends = _record_ends(train)
+  cut_mid_record = ends[len(ends) // 3] + 100
+  cut_at_record = ends[len(ends) // 2]
+  cases = [  # (name, damage of the train file or None, file to garble, what the message says)
+      ('truncated inside a record', lambda b: b[:cut_mid_record], None,
+       [f'holds {cut_mid_record} bytes', 'truncated']),
+      ('truncated between records', lambda b: b[:cut_at_record], None,
+       [f'holds {cut_at_record} bytes', 'truncated']),
+      ('last 10 bytes missing', lambda b: b[:-10], None, ['10 fewer than', 'truncated']),
+      ('train file missing', None, None, ['1 of its 1 files missing']),
+      ('garbage dataset_info.json', lambda b: b, 'dataset_info.json',
+       ['metadata cannot be read', 'dataset_info.json']),
+  ]
+  failures = []
+  for i, (name, damage, garble, messages) in enumerate(cases):
+    data_dir = _damaged_copy(tmp_path / f'd{i}', damage or (lambda b: b))
+    version_dir = next((data_dir / 'cifar10').iterdir())
+    if damage is None:
+      os.remove(_train_file(data_dir))
+    if garble:
+      (version_dir / garble).write_text('{"name": "cifar10", garbage')
+    try:
+      datasets.get_builder('cifar10', str(data_dir), download=False)
+      failures.append(f'{name}: accepted')
+      continue
+    except errors.DatasetCorruptError as e:
+      message = str(e)
+    problems = [m for m in messages + ["Dataset 'cifar10'", str(version_dir), 'prepare']
+                if m not in message]
+    if name != 'garbage dataset_info.json':
+      problems += [] if str(version_dir / os.path.basename(train)) in message else ['no file']
+    if problems:
+      failures.append(f'{name}: no {problems} in\n{message}')
+  assert not failures, '\n\n'.join(failures)
+
+  # Missing metadata: not prepared (exit 2 too), naming the data dir.
+  data_dir = _damaged_copy(tmp_path / 'no_info', lambda b: b)
+  os.remove(next(data_dir.glob('cifar10/*/dataset_info.json')))
+  with pytest.raises(errors.DatasetNotFoundError, match=f"not prepared in data_dir=.*{data_dir}"):
+    datasets.get_builder('cifar10', str(data_dir), download=False)
+
+
+@needs_cifar10
+def test_the_train_stream_of_a_damaged_file_stops_within_seconds_naming_it(tmp_path):
+  """pipeline.train_dataset read directly (no size check before it): splits before, across and
+  after a truncation, and bytes overwritten in place (same size), each end in seconds."""
+  train = _train_file(DATA_DIR)
+  ends = _record_ends(train)
+  n = len(ends)
+  k = n // 8  # Damage an eighth into the file: small copies (a few MB) where they are truncated.
+  truncated = _damaged_copy(tmp_path / 'truncated', lambda b: b[:ends[k] + 100])
+  at_record = _damaged_copy(tmp_path / 'at_record', lambda b: b[:ends[k]])
+  garbled_at = ends[k] + 40
+
+  def overwrite(b):  # The same size: only the records' checksums can tell.
+    return b[:garbled_at] + b'\x07' * 2000 + b[garbled_at + 2000:]
+
+  overwritten = _damaged_copy(tmp_path / 'overwritten', overwrite)
+  spec = datasets.dataset_spec('cifar10')
+  # (name, data dir, split, expected: None (it reads) or what the message says). A truncated
+  # file is named with its size (integrity.check_files), whichever read failed.
+  cases = [
+      ('split before the truncation', truncated, f'train[{k // 2}:{k // 2 + 64}]', None),
+      ('split across the truncation', truncated, f'train[{k - 32}:{k + 32}]', 'truncated.'),
+      ('split after the truncation', truncated, f'train[{k + 200}:{k + 264}]', 'truncated.'),
+      ('split after a cut between records', at_record, f'train[{k + 200}:{k + 264}]',
+       'truncated.'),
+      ('split across overwritten bytes', overwritten, f'train[{k - 32}:{k + 32}]',
+       'corrupted record at'),
+      ('split after overwritten bytes', overwritten, f'train[{k + 200}:{k + 264}]', None),
+  ]
+  failures, times = [], []
+  for name, data_dir, split, expected in cases:
+    builder = tfds.builder('cifar10', data_dir=str(data_dir))
+    size = builder.info.splits[split].num_examples
+    data = pipeline.TrainData(builder, split, None, size, size, spec)
+
+    def read_two_epochs(data=data, builder=builder, split=split):
+      stream = pipeline.train_dataset(data, 16, seed=0).as_numpy_iterator()
+      return [b['label'] for b in itertools.islice(
+          integrity.checked(stream, builder, split), 8)]  # 128 records: two epochs.
+
+    result, seconds = _read_in_thread(read_two_epochs)
+    times.append(f'{name}: {seconds:.1f} s')
+    if expected is None:
+      if isinstance(result, Exception):
+        failures.append(f'{name}: {type(result).__name__}: {result}')
+      continue
+    if not isinstance(result, errors.DatasetCorruptError):
+      failures.append(f'{name}: {type(result).__name__}: {result}'[:2000])
+      continue
+    problems = [m for m in (expected, _train_file(data_dir), 'Delete', "Dataset 'cifar10'")
+                if m not in str(result)]
+    if problems:
+      failures.append(f'{name}: no {problems} in {result}')
+  print('\n' + '\n'.join(times))
+  assert not failures, '\n\n'.join(failures)

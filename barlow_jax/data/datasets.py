@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 
 from barlow_jax.data import download as download_lib
 from barlow_jax.data import folders
+from barlow_jax.data import integrity
 from barlow_jax.errors import ConfigError, DatasetNotFoundError
 
 # Channel statistics of an untuned dataset come from at most this many training images.
@@ -176,17 +177,22 @@ def get_builder(tfds_name: str, data_dir: Optional[str],
     DatasetNotFoundError: not prepared in ``data_dir`` and ``download`` is False.
     DatasetDownloadError: (a DatasetNotFoundError) not prepared, and the download
       host is unreachable or the download failed (data/download.py).
+    DatasetCorruptError: its metadata is unreadable, or a file is missing or
+      truncated (data/integrity.py).
   """
   try:
     builder = tfds.builder(tfds_name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(_unknown_name_message(tfds_name)) from None
+  except Exception as e:  # pylint: disable=broad-except  # A garbled dataset_info.json: json, protobuf.
+    raise integrity.unreadable_metadata(tfds_name, data_dir, e) from None
   if not builder.is_prepared():
     if not download:
       raise DatasetNotFoundError(
           f'Dataset {tfds_name!r} is not prepared in data_dir={builder.data_dir_root!r} '
           '(config.data_dir, or TFDS_DATA_DIR); set config.download=True to fetch it.')
     download_lib.prepare(builder, tfds_name)
+  integrity.check_files(builder)  # A truncated or missing file: exit 2 before anything runs.
   return builder
 
 

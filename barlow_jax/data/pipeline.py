@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from barlow_jax.data import datasets
 from barlow_jax.data import host_crop
+from barlow_jax.data import integrity
 from barlow_jax.errors import ConfigError
 
 # The train stream is Dataset.range(first_epoch, _MAX_EPOCHS); effectively endless.
@@ -44,7 +45,7 @@ def _scan_labels(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(tfds_id, label) of every example of the split in file order, images left undecoded."""
   ds = _in_file_order(builder, split, add_tfds_id=True)
   ds = ds.map(lambda ex: (ex['tfds_id'], ex['label'])).batch(65536)
-  ids, labels = zip(*ds.as_numpy_iterator())
+  ids, labels = zip(*integrity.checked(ds.as_numpy_iterator(), builder, split))
   return np.concatenate(ids), np.concatenate(labels).astype(np.int64)
 
 
@@ -262,6 +263,10 @@ def _record_stream(data: TrainData, seed: int, start: int, shuffle_buffer: int,
   def window(e, position, k):
     records = cached if cached is not None else _window_records(data, windows, k)
     size = tf.minimum(tf.constant(windows.size, tf.int64), data.num_local - k * windows.size)
+    # A window that ends short fails (integrity.checked names the files) instead
+    # of being read as it is: a damaged file raises once and leaves the cache
+    # short (or empty: then the endless stream spun over empty epochs, forever).
+    records = records.apply(tf.data.experimental.assert_cardinality(size))
     records = records.shuffle(size, seed=seed + e * windows.count + position,
                               reshuffle_each_iteration=False)
     resumed = tf.logical_and(e == first_epoch, position == first_window)
@@ -328,7 +333,8 @@ def eval_batches(builder, spec: datasets.DatasetSpec, split: str, local_batch: i
   offset = sum(builder.info.splits[s].num_examples for s in shares[:jax.process_index()])
   ds = _records(data).map(_decode_fn(data), num_parallel_calls=tf.data.AUTOTUNE)
   count, seen = 0, offset
-  for batch in ds.batch(local_batch).prefetch(2).as_numpy_iterator():
+  for batch in integrity.checked(ds.batch(local_batch).prefetch(2).as_numpy_iterator(), builder,
+                                 split):
     batch['index'] = np.arange(seen, seen + len(batch['label']), dtype=np.int32)
     seen += len(batch['label'])
     yield _pad_batch(batch, local_batch)

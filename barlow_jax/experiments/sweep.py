@@ -29,6 +29,7 @@ import numpy as np
 from barlow_jax import config_validation
 from barlow_jax import plots
 from barlow_jax.errors import ConfigError
+from barlow_jax.runtime import distributed
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import supervised
 
@@ -72,6 +73,7 @@ def run_sweep(config, gammas: Sequence[float], num_seeds: int, workdir: str,
         logging.info('gamma %g seed %d: finished before, reading %s.', gamma, seed, directory)
         runs[(gamma, seed)] = finished
         continue
+      distributed.pause_point('sweep_next_run')  # Tests: a signal between runs.
       logging.info('gamma %g seed %d: running in %s.', gamma, seed, directory)
       runs[(gamma, seed)] = run_fn(run_config, directory, allow_config_change=allow_config_change)
   summary = summarize(runs, gammas, seeds)

@@ -16,6 +16,8 @@ another run's encoder (linear probe, fine-tuning) opens that workdir read-only
 
 import contextlib
 import logging as logging_std
+import os
+import re
 from typing import Any, Optional
 
 from absl import logging
@@ -163,14 +165,55 @@ def optimizer_differences(expected, saved, params) -> list[str]:
       [f"in the config's optimiser only: {few(want - have)}"] if want - have else [])
 
 
-def _brief(e: Exception, limit: int = 1000) -> str:
-  text = f'{type(e).__name__}: {e}'
-  return text if len(text) <= limit else f'{text[:limit]} ... ({len(text)} characters)'
+def _brief(e: Exception, limit: int = 300) -> str:
+  """The innermost line of an error that says what failed, without TensorStore's spec dump.
+
+  Orbax wraps TensorStore's error ("Error reading <array> ...: <file> ...")
+  in one that prints the whole TensorStore spec (kilobytes); the cause is the
+  one to show.
+  """
+  chain = [e]
+  while (cause := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 8:
+    chain.append(cause)
+  text = min((str(c) for c in chain if str(c).strip()), key=len, default=type(e).__name__)
+  text = re.split(r'\s*\[tensorstore_spec=|\. See full TensorStore details', text)[0].strip()
+  return text if len(text) <= limit else f'{text[:limit]} ...'
 
 
-def _advice(mngr: ocp.CheckpointManager, step: int) -> str:
-  return (f'Move {mngr.directory}/{step} aside to resume from the previous checkpoint, or use '
-          'a new --workdir.')
+def _damaged_file(e: Exception, directory: epath.Path) -> Optional[str]:
+  """The file of checkpoint ``directory`` the error ``e`` (or its causes) is about, if it can tell.
+
+  TensorStore names the file it read (``local file "<path>"``), or, for an
+  array of an OCDBT database, only the database and the size of the value it
+  read ("... value of size N"): then the file of that size is the one.
+  """
+  text = ''
+  while e is not None and len(text) < 100_000:
+    text += f' {e}'
+    e = e.__cause__ or e.__context__
+  named = [f for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith('/')]
+  if named:
+    return named[-1]
+  sizes = {int(n) for n in re.findall(r'value of size (\d+)', text)}
+  if not sizes or '://' in str(directory):
+    return None
+  matches = [os.path.join(d, f) for d, _, files in os.walk(directory) for f in files
+             if os.path.getsize(os.path.join(d, f)) in sizes]
+  return matches[0] if len(matches) == 1 else None
+
+
+def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> CheckpointError:
+  """A few lines: the step, the damaged file (if known), what failed and what to do."""
+  where = epath.Path(mngr.directory) / str(step)
+  damaged = _damaged_file(e, where)
+  earlier = [s for s in mngr.all_steps() if s < step]
+  previous = f'step {max(earlier)}' if earlier else 'none: the run would start over'
+  return CheckpointError(
+      f'Checkpoint step {step} ({where}) is damaged and cannot be read'
+      f'{f"; damaged file: {damaged}" if damaged else ""}.\n  {_brief(e)}\n'
+      f'Nothing was changed. To resume from the previous complete checkpoint ({previous}), '
+      f'move the damaged one aside (mv {where} {where}.damaged) and run the same command '
+      'again; or use a new --workdir.')
 
 
 def _metadata(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -178,8 +221,7 @@ def _metadata(mngr: ocp.CheckpointManager, step: int) -> dict:
   try:
     return dict(mngr.item_metadata(step).tree)
   except Exception as e:  # Orbax and tensorstore raise many types for bad files.
-    raise CheckpointError(f'Checkpoint {mngr.directory}/{step} is unreadable (corrupt or '
-                          f'incomplete?): {_brief(e)}\n{_advice(mngr, step)}') from e
+    raise _unreadable(mngr, step, e) from None
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
@@ -216,8 +258,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, target: Any) -> Any:
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # As above: truncated or garbled array files.
-    raise CheckpointError(f'Checkpoint {where} cannot be restored (corrupt?): {_brief(e)}\n'
-                          f'{_advice(mngr, step)}') from e
+    raise _unreadable(mngr, step, e) from None
 
 
 def saved_steps(workdir: str) -> list[int]:

@@ -7,13 +7,19 @@
   count and process id (launch/local_multiprocess.sh). Everything after that
   is the same code for one process or many: each process reads its own TFDS
   split, batches become global arrays, Orbax saves and restores collectively.
-* Preemption: SIGTERM asks the training loop to save a checkpoint and stop
-  (``preemption_requested``, ``errors.Preempted``). Several processes must save at
-  the same step; JAX's preemption sync manager (started by
-  ``jax.distributed.initialize``, listening for SIGTERM) agrees on that step.
-  A single process without the distributed runtime uses its own SIGTERM
-  handler instead, which ends the process at once when no training loop is
-  running (start-up, compilation of the first step, evaluation).
+* Preemption: SIGTERM, SIGINT and SIGHUP ask the training loop to save a
+  checkpoint and stop (``preemption_requested``, ``errors.Preempted``). Several
+  processes must save at the same step; JAX's preemption sync manager (started
+  by ``jax.distributed.initialize``, listening for SIGTERM) agrees on that
+  step. A single process without the distributed runtime uses its own SIGTERM
+  handler instead. Where no training loop will look at the request again the
+  signal acts at once: outside a loop (start-up, compilation of the first
+  step, evaluation, writing results, between the runs of a sweep) the process
+  ends with 75; after the loop's last check (the last step, the final save)
+  the loop completes that save and raises Preempted (``training_loop_ended``
+  and the signal handler decide under one lock, so no signal falls between
+  them). SIGHUP (the terminal or ssh session closed) is handled like SIGTERM,
+  unless the run was started with it ignored (``nohup``), which is kept.
 * ``workdir_lock``: an exclusive ``fcntl.flock`` on ``<workdir>/.lock`` held
   for the whole run, so a second run cannot write into a workdir a live run
   holds. The kernel releases it when the process dies (even on ``kill -9``),
@@ -50,6 +56,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from barlow_jax import console
 from barlow_jax.errors import BadInput
 from barlow_jax.errors import EXIT_PREEMPTED
 from barlow_jax.errors import WorkdirError
@@ -59,10 +66,13 @@ LEASE_FILE = '.lease.json'  # The lock of a remote (gs://) workdir.
 LEASE_HEARTBEAT_S = 60.0  # How often the holder rewrites its lease.
 LEASE_STALE_S = 3 * LEASE_HEARTBEAT_S  # A lease not rewritten for this long is a dead run's.
 
-_stop = threading.Event()  # SIGTERM or SIGINT arrived; polled by the training loop.
+_stop = threading.Event()  # A stop signal arrived; polled by the training loop.
 _loop_running = False  # A training loop is polling preemption_requested.
+_signal_lock = threading.Lock()  # _on_signal against training_loop_ended: no signal between.
 _barriers = itertools.count()
-_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT'}
+_SIGNALS = {signal.SIGTERM: 'SIGTERM', signal.SIGINT: 'SIGINT', signal.SIGHUP: 'SIGHUP'}
+# Tests only: '<phase>=<path>' makes pause_point(<phase>) block until <path> exists.
+PAUSE_ENV = 'BARLOW_JAX_TEST_PAUSE'
 _stop_signal = 'SIGTERM'  # The first signal that asked the loop to stop.
 _release_lock: Optional[Callable[[], None]] = None  # Of the workdir lock this process holds.
 
@@ -81,8 +91,7 @@ def exit_now(status: int, message: str) -> None:
   """
   if _release_lock is not None:  # os._exit skips workdir_lock's finally: free the lease now.
     _release_lock()
-  logging.error('%s', message)
-  print(message, file=sys.stderr)
+  console.report(message)
   logging.flush()
   for stream in (sys.stdout, sys.stderr):
     with contextlib.suppress(Exception):
@@ -102,21 +111,22 @@ def leave() -> None:
 
 
 def _on_signal(signum: int) -> None:
-  """SIGTERM or SIGINT: save and stop inside a training loop, else stop at once with 75."""
+  """A stop signal: save and stop inside a training loop, else stop at once with 75."""
   name = _SIGNALS.get(signum, str(signum))
-  if not _loop_running:
-    exit_now(EXIT_PREEMPTED, f'Stopped by {name} outside a training loop (start-up, compiling, '
-             'evaluation or between runs): nothing new to save; run the same command again to '
-             'resume from the last complete checkpoint.')
   global _stop_signal
-  if not _stop.is_set():
-    _stop_signal = name
-    logging.warning('%s: saving a checkpoint after the current step, then stopping.', name)
+  with _signal_lock:  # Not between training_loop_ended's look at _stop and its end.
+    if not _loop_running:
+      exit_now(EXIT_PREEMPTED, f'Stopped by {name} outside a training loop (start-up, '
+               'compiling, evaluation, writing results or between runs): nothing new to save; '
+               'run the same command again to resume from the last complete checkpoint.')
+    if not _stop.is_set():
+      _stop_signal = name
+      logging.warning('%s: saving a checkpoint after the current step, then stopping.', name)
+    _stop.set()
   if jax.distributed.is_initialized() and signum != signal.SIGTERM:
     # JAX's preemption sync manager listens for SIGTERM only; it makes every
     # process save at the same step.
     os.kill(os.getpid(), signal.SIGTERM)
-  _stop.set()
 
 
 def _watch(read_fd: int) -> None:
@@ -136,8 +146,9 @@ def _watch(read_fd: int) -> None:
 
 
 def _install_signal_handlers() -> None:
-  """SIGINT always, SIGTERM unless JAX's preemption sync manager handles it; one watcher."""
-  signums = [signal.SIGINT]
+  """SIGINT and SIGHUP unless ignored at start (nohup), SIGTERM unless JAX's preemption sync
+  manager handles it; one watcher."""
+  signums = [s for s in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(s) != signal.SIG_IGN]
   if not jax.distributed.is_initialized():
     # No distributed runtime, hence no preemption sync manager: one process
     # needs no agreement on the step, a flag is enough.
@@ -206,10 +217,38 @@ def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
                                         timeout_ms=timeout_s * 1000)
 
 
-def training_loop_ended() -> None:
-  """From now on SIGTERM and SIGINT end the process at once again (nothing polls them)."""
+def training_loop_ended() -> bool:
+  """From now on a stop signal ends the process at once again (nothing polls it).
+
+  Call it with every checkpoint complete.
+
+  Returns:
+    Whether a stop signal arrived after the loop's last look at
+    ``preemption_requested`` (the last step, the final save): the caller
+    stops (Preempted) instead of going on. Always False with several
+    processes, whose stop is agreed by JAX's sync points only.
+  """
   global _loop_running
-  _loop_running = False
+  with _signal_lock:
+    _loop_running = False
+    return _stop.is_set() and not jax.distributed.is_initialized()
+
+
+def pause_point(phase: str) -> None:
+  """Tests only: blocks at ``phase`` while PAUSE_ENV names it, so a signal lands there.
+
+  With ``PAUSE_ENV=<phase>=<path>`` it creates ``<path>.reached`` and waits
+  until ``<path>`` exists (signals are handled meanwhile: see _watch).
+  Otherwise (every real run) it does nothing.
+  """
+  spec = os.environ.get(PAUSE_ENV, '')
+  name, _, path = spec.partition('=')
+  if not path or name != phase:
+    return
+  with open(f'{path}.reached', 'w'):
+    pass
+  while not os.path.exists(path):
+    time.sleep(0.005)
 
 
 def _describe_holder(fd: int) -> str:

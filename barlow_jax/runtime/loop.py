@@ -87,7 +87,8 @@ def _saving(mngr: ocp.CheckpointManager, step: Optional[int], action: Callable[[
     complete = checkpoint.complete_steps(directory)
     which = f'step {max(partial)}' if partial else ('' if step is None else f'step {step}')
     raise CheckpointSaveError(
-        f'Saving checkpoint {which} into {directory} failed: {type(e).__name__}: {e}. The '
+        f'Saving checkpoint{f" {which}" if which else ""} into {directory} failed: '
+        f'{type(e).__name__}: {e}. The '
         f'partial checkpoint was removed; the last complete checkpoint is '
         f'{f"step {complete[-1]}" if complete else "none"}. Free space (or fix the permissions) '
         'there and run the same command again to resume from it.') from e
@@ -175,9 +176,12 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
   Metrics are summed on the device and averaged every ``schedule.log_every``
   steps (no host sync in between); ``state`` is saved every
   ``schedule.save_every`` steps and at the end, after checking the metrics
-  are finite; then the hooks run. On SIGTERM (distributed.py) the loop saves
-  after the current step, waits for the save and raises Preempted, without
-  the hooks (a preempted machine has no time to spare).
+  are finite; then the hooks run. On a stop signal (distributed.py) the loop
+  saves after the current step, waits for the save and raises Preempted,
+  without the hooks (a preempted machine has no time to spare); a signal
+  after the last step's check (during the final save) raises Preempted once
+  that save is complete. The last step's hooks run after its save is
+  complete, outside the loop: a signal then ends the process at once.
 
   Args:
     state: any pytree; saved as is with StandardSave.
@@ -211,6 +215,8 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
     count += 1
     done = step + 1
+    if done == total:
+      distributed.pause_point('last_step')
     # Asked after every step on every process: the processes of a multi-host
     # run must agree on the step at which they save.
     preempted = distributed.preemption_requested(done)
@@ -218,12 +224,20 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     if _report(summed, count, done, schedule, save_now, mngr, writer, progress):
       summed, count = None, 0
     saved = _save(mngr, state, done, saved, save_now)
+    if done == total and not preempted:
+      distributed.pause_point('final_save')
+      # Nothing looks at the stop flag after this step: a signal that came
+      # since its check stops the run here, once the final save is complete,
+      # and a later one ends the process at once (distributed._on_signal).
+      _saving(mngr, saved, mngr.wait_until_finished)
+      preempted = distributed.training_loop_ended()
     if preempted:
       _saving(mngr, saved, mngr.wait_until_finished)  # Exit only with the checkpoint complete.
-      raise Preempted(f'Preempted ({distributed.stop_signal()}): saved checkpoint step {done} of {total} in '
-                      f'{mngr.directory}; run the same command again to resume.')
+      raise Preempted(f'Preempted ({distributed.stop_signal()}): saved checkpoint step {done} '
+                      f'of {total} in {mngr.directory}; run the same command again to resume.')
     _run_hooks(hooks, done, state, writer, progress)
   # The last save complete before a signal may end the process at once again.
   _saving(mngr, saved, mngr.wait_until_finished)
   distributed.training_loop_ended()
+  distributed.pause_point('after_final_save')
   return state
