@@ -123,6 +123,16 @@ def _build(cxx: str, include: pathlib.Path, lib: pathlib.Path, target: pathlib.P
       os.unlink(tmp)
 
 
+def _sha256(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
 def _open(path: pathlib.Path) -> ctypes.CDLL:
   """Loads a built library and checks that oneDNN can run a convolution with it."""
   lib = ctypes.CDLL(str(path))
@@ -145,16 +155,14 @@ def _threads_per_call() -> int:
   return max(1, cores // max(1, jax.local_device_count('cpu')))
 
 
-@functools.lru_cache(maxsize=None)
-def load() -> ctypes.CDLL:
-  """Builds (once per user and version) and registers the handlers.
+def build_inputs() -> tuple[str, pathlib.Path, pathlib.Path, pathlib.Path]:
+  """(compiler, oneDNN's include dir, libdnnl.so.3, the library to build or reuse).
 
-  Returns:
-    The loaded library.
+  The library's name is a hash of everything the binary depends on: the
+  source, jaxlib (the FFI headers), oneDNN, the compiler and its flags.
 
   Raises:
-    Unavailable: naming the missing piece. Cached, as is success: the answer
-      does not change within a process.
+    Unavailable: a piece is missing.
   """
   include = _dist_file(DEVEL_DIST, '/oneapi/dnnl/dnnl.hpp').parents[2]
   runtime = _dist_file(RUNTIME_DIST, '/libdnnl.so.3')
@@ -169,24 +177,48 @@ def load() -> ctypes.CDLL:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise Unavailable(f'cannot create the build cache {directory}: {e}') from None
-  target = directory / f'{_PREFIX}{key.hexdigest()[:20]}.so'
-  with _locked(directory / (target.name + '.lock')):
+  return cxx, include, runtime, directory / f'{_PREFIX}{key.hexdigest()[:20]}.so'
+
+
+_registered = []  # The library whose handlers XLA calls, once registered.
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> ctypes.CDLL:
+  """Builds (once per user and version) and registers the handlers.
+
+  Returns:
+    The loaded library.
+
+  Raises:
+    Unavailable: naming the missing piece. Cached, as is success: the answer
+      does not change within a process.
+  """
+  cxx, include, runtime, target = build_inputs()
+  # The digest is written once the library is in place. A library without it,
+  # or with another content (a partial copy, a disk error), is built again
+  # rather than loaded: loading a truncated library can crash the process.
+  digest = target.with_name(target.name + '.sha256')
+  with _locked(target.with_name(target.name + '.lock')):
     lib = None
-    if target.exists():
+    if target.exists() and digest.exists() and digest.read_text() == _sha256(target):
       try:
         lib = _open(target)
-      except OSError:  # A truncated or foreign file: build it again.
-        target.unlink()
+      except OSError:  # Not loadable after all: build it again.
+        pass
     if lib is None:
       _build(cxx, include, runtime, target)
+      _write_atomically(digest, _sha256(target))
       try:
         lib = _open(target)
       except OSError as e:
         raise Unavailable(f'the built {target} does not load: {e}') from None
   lib.barlow_onednn_set_threads(_threads_per_call())
-  for name, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(_PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                platform='cpu')
+  if not _registered:  # XLA keeps the first handler of a name for the process.
+    for name, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(_PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform='cpu')
+    _registered.append(str(target))
   return lib
 
 

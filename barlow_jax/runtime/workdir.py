@@ -39,7 +39,7 @@ RESULTS_MD = 'results.md'
 # Config keys (a trailing '.': every key under it) whose value does not change
 # what a run computes, so they may differ between a run and its resumption.
 FREE_KEYS = ('data_dir', 'download', 'cache_dataset', 'log_every', 'checkpoint.every_steps',
-             'checkpoint.max_to_keep', 'knn_monitor.')
+             'checkpoint.max_to_keep', 'knn_monitor.', 'model.conv')
 # The run's length: a change is a meaningful one (the learning-rate schedule
 # is computed over the length), allowed only with --allow_config_change.
 LENGTH_KEYS = ('num_epochs', 'num_steps')
