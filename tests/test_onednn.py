@@ -28,13 +28,12 @@ from barlow_jax.models import factory
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import pretrain
-from conftest import needs_cifar10, pretraining_workdir, tiny_config
+from conftest import conv_backends, needs_cifar10, pretraining_workdir, tiny_config
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 _REASON = conv.onednn_unavailable_reason()
-needs_onednn = pytest.mark.skipif(
-    _REASON is not None and 'wheel is not installed' in _REASON,
-    reason=f'oneDNN wheels not installed: {_REASON}')
+needs_onednn = pytest.mark.skipif('onednn' not in conv_backends(),
+                                  reason=f'oneDNN wheels not installed: {_REASON}')
 CUSTOM_CALL = 'barlow_onednn_conv_'
 
 
