@@ -4,9 +4,10 @@ The reference is lax.conv_general_dilated and its own autodiff, on random
 inputs; gradients are taken against a random output gradient, so every output
 position weighs them differently. (A loss like sum(sin(conv)) would amplify
 the float32 rounding of outputs of magnitude ~100 at 512 channels into the
-gradient: a test of the loss, not of the kernels.) The tests of the oneDNN path are skipped only where
-its wheels are not installed (no [onednn] extra, or a platform without them);
-with the wheels installed a failed build fails them.
+gradient: a test of the loss, not of the kernels.) The tests of the oneDNN
+path are skipped only where its wheels are not installed (no [onednn] extra,
+or a platform without them); with the wheels installed a failed build fails
+them.
 """
 
 import functools
@@ -50,6 +51,16 @@ def _grads(conv_fn, x, w, out_grad, strides, padding):
 _onednn_conv = functools.partial(conv.conv_general_dilated, backend='onednn')
 
 
+def _one_device_jit(fn):
+  """``jit(fn)`` on one device of the 8 (inputs and outputs whole).
+
+  oneDNN runs inside shard_map or where JAX has one device: plain jit over the
+  tests' 8 devices keeps XLA's convolution (models/conv._partitioned_by_hand).
+  """
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P()))
+
+
 def _assert_close(got, want, rtol):
   """Equal to ``rtol`` of the reference's largest magnitude (sums of up to 4608 products)."""
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -70,12 +81,13 @@ def _assert_close(got, want, rtol):
 ])
 def test_forward_and_gradients_equal_xla(batch, side, cin, cout, kernel, strides, padding):
   x, w = _random((batch, side, side, cin), 0), _random((kernel, kernel, cin, cout), 1)
-  forward = jax.jit(lambda x, w: _onednn_conv(x, w, strides, padding, dimension_numbers=NHWC))
+  forward = _one_device_jit(
+      lambda x, w: _onednn_conv(x, w, strides, padding, dimension_numbers=NHWC))
   assert CUSTOM_CALL + 'forward' in forward.lower(x, w).as_text()  # oneDNN really ran.
   _assert_close(forward(x, w), lax.conv_general_dilated(x, w, strides, padding,
                                                         dimension_numbers=NHWC), 1e-5)
   out_grad = _random(forward(x, w).shape, 2)
-  got = jax.jit(functools.partial(_grads, _onednn_conv, strides=strides, padding=padding))(
+  got = _one_device_jit(functools.partial(_grads, _onednn_conv, strides=strides, padding=padding))(
       x, w, out_grad)
   want = _grads(lax.conv_general_dilated, x, w, out_grad, strides, padding)
   for g, r in zip(got, want):
@@ -108,9 +120,21 @@ def test_gradients_inside_shard_map_on_eight_devices_equal_one_device():
 
 
 @needs_onednn
+def test_plain_jit_over_several_devices_keeps_xla_convolutions():
+  # XLA would run the custom call on the whole (all-gathered) batch on every device.
+  x, w = _random((8, 6, 6, 3), 11), _random((3, 3, 3, 4), 12)
+  x = jax.device_put(x, mesh_lib.batch_sharded(mesh_lib.make_mesh()))
+  fn = jax.jit(lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME', dimension_numbers=NHWC))
+  assert CUSTOM_CALL not in fn.lower(x, w).as_text()
+  _assert_close(fn(x, w), lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                   dimension_numbers=NHWC), 1e-5)
+
+
+@needs_onednn
 def test_bfloat16_operands_give_bfloat16_results_close_to_float32():
   x, w = _random((4, 8, 8, 8), 4, jnp.bfloat16), _random((3, 3, 8, 8), 5, jnp.bfloat16)
-  got = jax.jit(lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME', dimension_numbers=NHWC))(x, w)
+  got = _one_device_jit(lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME',
+                                                  dimension_numbers=NHWC))(x, w)
   assert got.dtype == jnp.bfloat16
   want = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), 'SAME',
                                   dimension_numbers=NHWC)
@@ -120,7 +144,7 @@ def test_bfloat16_operands_give_bfloat16_results_close_to_float32():
 @needs_onednn
 def test_convolutions_onednn_does_not_run_stay_on_xla_and_are_right():
   x, w = _random((2, 9, 9, 4), 6), _random((3, 3, 2, 4), 7)
-  fn = jax.jit(lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME', rhs_dilation=(2, 2),
+  fn = _one_device_jit(lambda x, w: _onednn_conv(x, w, (1, 1), 'SAME', rhs_dilation=(2, 2),
                                          dimension_numbers=NHWC, feature_group_count=2))
   assert CUSTOM_CALL not in fn.lower(x, w).as_text()
   _assert_close(fn(x, w), lax.conv_general_dilated(
@@ -147,7 +171,7 @@ def test_every_convolution_of_every_encoder_runs_on_onednn(encoder, stem, convs)
   model = factory.create_model(config)
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
-  hlo = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+  hlo = _one_device_jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
   assert hlo.count(f'@{CUSTOM_CALL}forward') == convs
   assert 'convolution' not in hlo
 
@@ -158,7 +182,8 @@ def test_bottleneck_resnet_with_imagenet_stem_gives_the_same_features_with_eithe
   # ResNet-18 with the CIFAR stem runs in the train-step tests; here the 7x7/2
   # stem with max-pool and the bottleneck blocks' 1x1 convolutions.
   config = tiny_config()
-  config.model.encoder, config.model.stem, config.model.width = small_bottleneck_resnet, 'imagenet', 2
+  config.model.encoder, config.model.stem = small_bottleneck_resnet, 'imagenet'
+  config.model.width = 2
   x = _random((2, 32, 32, 3), 8)
   variables = jax.jit(functools.partial(factory.create_model(config).init, train=False))(
       jax.random.PRNGKey(0), x)
@@ -166,7 +191,8 @@ def test_bottleneck_resnet_with_imagenet_stem_gives_the_same_features_with_eithe
   for backend in ('xla', 'onednn'):
     config.model.conv = backend
     model = factory.create_model(config)
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False)['features']).lower(variables, x)
+    apply = _one_device_jit(lambda v, x: model.apply(v, x, train=False)['features']).lower(
+        variables, x)
     assert (CUSTOM_CALL in apply.as_text()) == (backend == 'onednn')
     outputs[backend] = apply.compile()(variables, x)
   _assert_close(outputs['onednn'], outputs['xla'], 1e-5)
@@ -212,7 +238,7 @@ def test_auto_falls_back_to_xla_with_one_log_line_when_onednn_cannot_load(monkey
     with pytest.raises(onednn.Unavailable, match=reason.replace('+', r'\+')):
       conv.resolve_backend('onednn')
     x, w = _random((2, 5, 5, 3), 9), _random((3, 3, 3, 4), 10)
-    fn = jax.jit(functools.partial(conv.conv_general_dilated, window_strides=(1, 1),
+    fn = _one_device_jit(functools.partial(conv.conv_general_dilated, window_strides=(1, 1),
                                    padding='SAME', dimension_numbers=NHWC, backend='auto'))
     assert CUSTOM_CALL not in fn.lower(x, w).as_text()
     _assert_close(fn(x, w), lax.conv_general_dilated(x, w, (1, 1), 'SAME',

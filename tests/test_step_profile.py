@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from barlow_jax.models import conv as conv_lib
 from conftest import REPO, conv_backends
@@ -90,7 +91,10 @@ def test_onednn_convolutions_are_filed_as_convolutions():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.normal(size=(3, 3, 8, 8)), jnp.float32)
   x = jnp.asarray(rng.normal(size=(8, 16, 16, 8)), jnp.float32)
-  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  # On one device (oneDNN runs in shard_map or where JAX has a single device).
+  mesh = jax.sharding.Mesh(jax.devices()[:1], ('d',))
+  step = jax.jit(jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh, in_specs=P(),
+                               out_specs=P()))
   hlo_text = step.lower(w, x).compile().as_text()
   groups = step_profile.op_groups(hlo_text)
   entry = hlo_text[hlo_text.index('ENTRY'):]

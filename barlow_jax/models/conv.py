@@ -5,7 +5,8 @@
 * 'onednn': oneDNN's kernels called through XLA's FFI (kernels/onednn.py; the
   optional ``onednn`` extra), 2-3x faster than XLA:CPU's at our shapes
   (docs/onednn.md). Applies to 2-D NHWC x HWIO convolutions without dilation
-  or groups (every convolution of the package's models); others stay on XLA.
+  or groups (every convolution of the package's models) inside ``shard_map``
+  or on a single device; others stay on XLA.
 * 'xla': XLA's convolution, its kernel gradient summed over batch chunks (below).
 * 'auto': 'onednn' where it loads, else 'xla' (one log line says why).
 
@@ -136,6 +137,18 @@ def resolve_backend(backend: str) -> str:
   return 'xla'
 
 
+def _partitioned_by_hand() -> bool:
+  """Whether a custom call here runs on each device's own slice of the batch.
+
+  Inside ``shard_map`` it does; so it does with a single device. Under plain
+  ``jit`` over several devices XLA would all-gather a batch-sharded input and
+  run the custom call on the whole batch on every device (correct, N times
+  the work): XLA's convolution, which it partitions, is used there instead
+  (evaluators/predict.py on a multi-device mesh).
+  """
+  return bool(jax.sharding.get_abstract_mesh().manual_axes) or jax.device_count() == 1
+
+
 def _explicit_padding(lhs_shape, rhs_shape, window_strides, padding) -> Optional[tuple]:
   """((low, high), (low, high)) of an NHWC x HWIO convolution, None if oneDNN cannot pad so."""
   if isinstance(padding, str):
@@ -175,7 +188,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   gradient elsewhere; a positive int forces chunks of that size on any
   backend (tests), 0 XLA's own gradient.
   """
-  if resolve_backend(backend) == 'onednn':
+  if resolve_backend(backend) == 'onednn' and _partitioned_by_hand():
     out = _onednn_conv(lhs, rhs, _as_tuple(window_strides), _as_tuple(padding), lhs_dilation,
                        rhs_dilation, dimension_numbers, feature_group_count, batch_group_count,
                        preferred_element_type)
