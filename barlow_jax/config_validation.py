@@ -11,6 +11,8 @@ from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import folders
 from barlow_jax.errors import ConfigError
+from barlow_jax.kernels import onednn
+from barlow_jax.models import conv
 from barlow_jax.models import encoders
 from barlow_jax.models import heads
 
@@ -41,6 +43,13 @@ def validate_model(config) -> None:
       except ValueError as e:
         raise ConfigError(f'config.model.{key}: {e}') from None
   _require('projector' not in m or bool(m.projector), 'config.model.projector must be set.')
+  if 'conv' in m:
+    _one_of(config, 'model.conv', conv.BACKENDS)
+    try:
+      conv.resolve_backend(m.conv)  # Builds oneDNN's kernels on first use (seconds).
+    except onednn.Unavailable as e:
+      raise ConfigError(f"config.model.conv='onednn' cannot be used: {e}. Use 'auto' or 'xla' "
+                        'for XLA\'s convolutions (docs/onednn.md).') from None
 
 
 def validate_data(config) -> None:

@@ -4,12 +4,16 @@ r"""Images/s of barlow_jax's train step beside the official PyTorch formulation 
   python -m benchmarks.compare_torch --config.model.width=64 \
       --config.model.projector=2048-2048-2048              # docs/performance.md's ResNet-18 reference
   python -m benchmarks.compare_torch --sides=jax,jax_xla_conv,torch,torch_1thread   # leads
+  python -m benchmarks.compare_torch --sides=jax_xla,jax_onednn,torch   # the CPU convolutions
 
 Each side (``--sides``, from SIDES) runs in its own process, built from the
 same config: benchmarks/jax_step.py is trainer.make_train_step on a 1-device
 CPU mesh (variants: XLA's own conv gradient, two devices);
 benchmarks/torch_step.py is the official module and loss, torch CPU,
-channels_last, 2 threads (or 1). Both: ResNet-18 with the CIFAR stem at
+channels_last, 2 threads (or 1). The jax sides use config.model.conv ('auto':
+oneDNN's convolutions where they load) unless named for one (jax_xla,
+jax_onednn; docs/onednn.md), and oneDNN's default OpenMP team per call
+unless named for one (_1omp, _2omp). Both: ResNet-18 with the CIFAR stem at
 config.model.width, config.model.projector, config.batch_size, lambda, and
 momentum SGD with config.optimizer's momentum and weight decay. The sides take
 turns, ``--rounds`` rounds of ``--steps`` steps, the order rotating, so all see
@@ -50,6 +54,15 @@ SIDES = {
     # Two devices, each running its ops on one thread.
     'jax_2dev_1thread': ('benchmarks.jax_step', ['--devices=2'],
                          {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'}),
+    # The CPU convolution (config.model.conv) and oneDNN's OpenMP team per call.
+    'jax_xla': ('benchmarks.jax_step', ['--config.model.conv=xla'], {}),
+    'jax_onednn': ('benchmarks.jax_step', ['--config.model.conv=onednn'], {}),
+    'jax_onednn_1omp': ('benchmarks.jax_step', ['--config.model.conv=onednn'],
+                        {'BARLOW_JAX_ONEDNN_THREADS': '1'}),
+    'jax_8dev_xla': ('benchmarks.jax_step', ['--devices=8', '--config.model.conv=xla'], {}),
+    'jax_8dev_onednn': ('benchmarks.jax_step', ['--devices=8', '--config.model.conv=onednn'], {}),
+    'jax_8dev_onednn_2omp': ('benchmarks.jax_step', ['--devices=8', '--config.model.conv=onednn'],
+                             {'BARLOW_JAX_ONEDNN_THREADS': '2'}),
     'torch': ('benchmarks.torch_step', ['--threads=2'], {}),
     'torch_1thread': ('benchmarks.torch_step', ['--threads=1'], {}),
 }

@@ -9,8 +9,10 @@ step_speed.py) with ``jax.profiler``, reads the time of every XLA op from the
 trace, and files each op by the compiled program's own text (its fused
 computation and the JAX operation it came from):
 
-  convolution, forward     convolutions of the forward pass
-  convolution, backward    input and kernel gradients (JAX's transposed convolutions)
+  convolution, forward     convolutions of the forward pass (XLA's, or oneDNN's
+                           custom calls with config.model.conv='onednn')
+  convolution, backward    input and kernel gradients (JAX's transposed convolutions,
+                           or oneDNN's backward-data and backward-weights calls)
   layout transposes        fusions whose result is a transposed copy: XLA:CPU
                            has no backprop-filter kernel and feeds the kernel
                            gradient a forward convolution of transposed activations
@@ -44,6 +46,8 @@ FLAGS = flags.FLAGS
 
 GROUPS = ('convolution, forward', 'convolution, backward', 'layout transposes', 'matmuls',
           'collectives', 'elementwise + reductions')
+# The custom-call targets of oneDNN's convolutions (barlow_jax/kernels/onednn.py).
+_ONEDNN_CONV = 'custom_call_target="barlow_onednn_conv_'
 # An instruction and its opcode; a result may be a tuple of shapes (combined collectives).
 _INSTRUCTION = r'%([\w.\-]+) = (?:\(.*?\)|\S+) ([\w\-]+)\('
 
@@ -70,6 +74,9 @@ def op_groups(hlo_text: str) -> dict:
       group = 'collectives'
     elif 'convolution' in ops:
       group = 'convolution, backward' if 'transpose(' in op_name else 'convolution, forward'
+    elif opcode == 'custom-call' and _ONEDNN_CONV in rest:
+      group = ('convolution, forward' if f'{_ONEDNN_CONV}forward' in rest else
+               'convolution, backward')
     elif 'dot' in ops:
       group = 'matmuls'
     elif root and root.group(2) in ('transpose', 'copy') and 'transpose' in ops:

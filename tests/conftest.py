@@ -100,6 +100,17 @@ def cifar10_data_dir(tmp_path_factory):
 needs_cifar10 = pytest.mark.usefixtures('cifar10_data_dir')
 
 
+def conv_backends() -> list[str]:
+  """The CPU convolutions to test (config.model.conv): XLA's, and oneDNN's where its wheels are.
+
+  With the wheels installed ([onednn], part of [dev]) oneDNN is tested even
+  if it fails to build, so that a broken build fails the tests.
+  """
+  from barlow_jax.models import conv
+  reason = conv.onednn_unavailable_reason()
+  return ['xla'] + ([] if reason and 'wheel is not installed' in reason else ['onednn'])
+
+
 def cifar10_split_sizes() -> dict:
   """{split: number of examples} of the CIFAR-10 in DATA_DIR (real: 50000 and 10000)."""
   info = tfds.builder('cifar10', data_dir=DATA_DIR).info

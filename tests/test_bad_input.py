@@ -133,12 +133,19 @@ def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path,
        ['WorkdirError', f"workdir '{a_file / 'run'}' is not writable"]),
       ('workdir in use', busy, cli_runs.main_cmd(busy, config),
        ['WorkdirError', 'is in use by another run', f'pid {holder.pid}']),
+      # oneDNN asked for where it cannot be built (here: no compiler; elsewhere: no wheel).
+      ('oneDNN unavailable', tmp_path / 'w5', cli_runs.main_cmd(
+          tmp_path / 'w5', config, '--config.model.conv=onednn'),
+       ["config.model.conv='onednn' cannot be used", "Use 'auto' or 'xla'"]),
   ]
+  # Per case: the environment's changes.
+  envs = {'oneDNN unavailable': {'CXX': '/nonexistent/g++'}}
   before = {name: _snapshot(w) if w.is_dir() else None for name, w, _, _ in cases}
   try:
     # Two at a time: each is mostly Python start-up, one core each.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-      results = list(pool.map(lambda c: cli_runs.run(c[2], cli_runs.env(), timeout=180), cases))
+      results = list(pool.map(
+          lambda c: cli_runs.run(c[2], cli_runs.env(**envs.get(c[0], {})), timeout=180), cases))
   finally:
     cli_runs.kill_group(holder)
     holder.wait()

@@ -67,6 +67,7 @@ from barlow_jax.models import factory  # noqa: E402
 from barlow_jax.runtime import mesh as mesh_lib  # noqa: E402
 from barlow_jax.runtime import state as state_lib  # noqa: E402
 from barlow_jax.stages import pretrain  # noqa: E402
+from conftest import conv_backends  # noqa: E402
 from test_lars import official_lr  # noqa: E402  (adjust_learning_rate's lr, before the groups)
 
 STEPS = 20
@@ -89,7 +90,7 @@ LOSS_RTOL = 3e-2
 TOLERANCES = {'params': {'overall': 0.3, 'tensor': 0.5},
               'batch_stats': {'overall': 8e-4, 'tensor': 2e-2}}
 # config.model.conv of the backends to check ('onednn' once that key exists).
-CONV_BACKENDS = ('xla',)
+CONV_BACKENDS = conv_backends()
 
 
 # --- The official code, transcribed ------------------------------------------------------------
@@ -316,12 +317,12 @@ def converted(config, path: str) -> dict:
 def run_ours(config, devices, initial: dict, views, labels):
   """Our pretraining step for STEPS steps on ``devices``: (final state, bt_loss, learning_rate)."""
   mesh = mesh_lib.make_mesh(devices)
-  model = factory.create_model(config, axis_name=mesh_lib.DATA_AXIS)
+  model = factory.create_model(config, datasets.num_classes(config), axis_name=mesh_lib.DATA_AXIS)
   total = optim.num_train_steps(config, steps_per_epoch=1)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=1, total_steps=total)
   state = state_lib.create_train_state(model, tx, mesh, config.seed, SIZE, initial)
   step = trainer.make_train_step(config, pretrain.make_loss_fn(model, config.lambd), tx, mesh,
-                                 schedule, num_views=2)
+                                 schedule, num_views=2, spec=datasets.dataset_spec(config.dataset))
   sharding = mesh_lib.batch_sharded(mesh)
   losses, lrs = [], []
   for images, batch_labels in zip(views, labels):

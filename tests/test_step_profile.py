@@ -7,9 +7,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
 
 from barlow_jax.models import conv as conv_lib
-from conftest import REPO
+from conftest import REPO, conv_backends
 
 
 def _load(name):
@@ -76,3 +78,32 @@ def test_a_combined_all_reduce_on_eight_devices_is_filed_and_timed_as_a_collecti
   jax.block_until_ready(step(a, b))
   result = step_profile.profile(lambda: step(a, b), hlo_text, steps=3)
   assert result['groups_ms']['collectives'] > 0
+
+
+@pytest.mark.skipif('onednn' not in conv_backends(), reason='no oneDNN wheels installed')
+def test_onednn_convolutions_are_filed_as_convolutions():
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def loss(w, x):
+    y = conv_lib.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=dn, backend='onednn')
+    return jnp.sum(jnp.sin(y))
+
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(3, 3, 8, 8)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(8, 16, 16, 8)), jnp.float32)
+  # On one device (oneDNN runs in shard_map or where JAX has a single device).
+  mesh = jax.sharding.Mesh(jax.devices()[:1], ('d',))
+  step = jax.jit(jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh, in_specs=P(),
+                               out_specs=P()))
+  hlo_text = step.lower(w, x).compile().as_text()
+  groups = step_profile.op_groups(hlo_text)
+  entry = hlo_text[hlo_text.index('ENTRY'):]
+  calls = collections.Counter(
+      (target, groups[name]) for name, target in re.findall(
+          r'%([\w.\-]+) = \S+ custom-call\(.*custom_call_target="barlow_onednn_conv_(\w+)"', entry))
+  assert calls == {('forward', 'convolution, forward'): 1,
+                   ('backward_data', 'convolution, backward'): 1,
+                   ('backward_weights', 'convolution, backward'): 1}, calls
+  jax.block_until_ready(step(w, x))
+  ms = step_profile.profile(lambda: step(w, x), hlo_text, steps=2)['groups_ms']
+  assert ms['convolution, forward'] > 0 and ms['convolution, backward'] > 0

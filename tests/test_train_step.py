@@ -13,7 +13,7 @@ from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import state as state_lib
 from barlow_jax.stages import pretrain
 from barlow_jax import trainer
-from conftest import tiny_config
+from conftest import conv_backends, tiny_config
 
 
 def _one_step(config, devices, batch):
@@ -28,8 +28,10 @@ def _one_step(config, devices, batch):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-def test_eight_devices_match_one():
+@pytest.mark.parametrize('conv_backend', conv_backends())
+def test_eight_devices_match_one(conv_backend):
   config = tiny_config()
+  config.model.conv = conv_backend
   config.optimizer.name = 'lars'  # The paper's; its trust ratio needs global grad norms.
   config.optimizer.warmup_epochs = 0.0
   rng = np.random.default_rng(0)

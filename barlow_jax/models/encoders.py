@@ -80,6 +80,11 @@ def batch_norm(train: bool, axis_name: Optional[str], dtype: Any, **kwargs) -> M
                            axis_name=axis_name if train else None, **kwargs)
 
 
+def _conv_fn(backend: str):
+  """conv.conv_general_dilated on ``backend``, for flax.linen.Conv(conv_general_dilated=...)."""
+  return functools.partial(conv_lib.conv_general_dilated, backend=backend)
+
+
 class BasicBlock(nn.Module):
   """ResNet-18/34 block: two 3x3 convs."""
   filters: int
@@ -130,6 +135,7 @@ class ResNet(nn.Module):
     block_cls: BasicBlock or BottleneckBlock.
     width: channels of the first stage (64 in the paper; smaller for CPU runs).
     stem: 'cifar' (3x3 stride-1 conv, no max-pool) or 'imagenet' (7x7/2 + max-pool).
+    conv_backend: the CPU convolution, one of conv.BACKENDS (same parameters either way).
   """
   stage_sizes: Sequence[int]
   block_cls: ModuleDef
@@ -137,11 +143,12 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
+  conv_backend: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             conv_general_dilated=conv_lib.conv_general_dilated,
+                             conv_general_dilated=_conv_fn(self.conv_backend),
                              kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
     norm = batch_norm(train, self.axis_name, self.dtype)
     if self.stem == 'cifar':
@@ -164,6 +171,7 @@ class VGG16(nn.Module):
   width: int = 64
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
+  conv_backend: str = 'auto'  # The CPU convolution, one of conv.BACKENDS.
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -174,7 +182,7 @@ class VGG16(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
         x = nn.Conv(self.width * m, (3, 3), use_bias=False, dtype=self.dtype,
-                    conv_general_dilated=conv_lib.conv_general_dilated)(x)
+                    conv_general_dilated=_conv_fn(self.conv_backend))(x)
         x = nn.relu(norm()(x))
     return jnp.mean(x, axis=(1, 2))
 

@@ -20,8 +20,9 @@ from barlow_jax.models import heads
 
 
 def _backbone(model: nn.Module) -> nn.Module:
-  """The encoder named by ``model``'s fields (encoder, width, stem, dtype, axis_name)."""
-  kwargs = dict(width=model.width, dtype=model.dtype, axis_name=model.axis_name)
+  """The encoder named by ``model``'s fields (encoder, width, stem, dtype, axis_name, conv)."""
+  kwargs = dict(width=model.width, dtype=model.dtype, axis_name=model.axis_name,
+                conv_backend=model.conv)
   if model.encoder.startswith('resnet'):
     kwargs['stem'] = model.stem  # VGG has a single, stem-less layout.
   return encoders.ENCODERS[model.encoder](**kwargs)
@@ -42,6 +43,7 @@ class BarlowTwinsModel(nn.Module):
   stem: str = 'cifar'
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
+  conv: str = 'auto'  # The CPU convolution (models/conv.BACKENDS); parameters are the same.
 
   def setup(self):
     self.backbone = _backbone(self)
@@ -56,13 +58,19 @@ class BarlowTwinsModel(nn.Module):
     return {'features': features, 'embeddings': embeddings, 'probe_logits': probe_logits}
 
 
+def conv_backend(model_config) -> str:
+  """``config.model.conv``; 'auto' for configs recorded before the key existed."""
+  return model_config.get('conv', 'auto')
+
+
 def create_model(config, num_classes: int, axis_name: Optional[str] = None) -> BarlowTwinsModel:
   """The model described by ``config.model`` (see configs/cifar_bt.py); the online probe
   has ``num_classes`` outputs (the dataset's)."""
   m = config.model
   return BarlowTwinsModel(
       encoder=m.encoder, projector=m.projector, num_classes=num_classes,
-      width=m.width, stem=m.stem, dtype=jnp.dtype(m.dtype), axis_name=axis_name)
+      width=m.width, stem=m.stem, dtype=jnp.dtype(m.dtype), axis_name=axis_name,
+      conv=conv_backend(m))
 
 
 class SupervisedModel(nn.Module):
@@ -86,6 +94,7 @@ class SupervisedModel(nn.Module):
   embedding: str = '2048-128'
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
+  conv: str = 'auto'  # The CPU convolution (models/conv.BACKENDS); parameters are the same.
 
   def setup(self):
     # Same module name as in BarlowTwinsModel, so a pretrained backbone drops in.
@@ -112,4 +121,4 @@ def create_supervised_model(config, num_classes: int,
   return SupervisedModel(
       encoder=m.encoder, num_classes=num_classes, width=m.width, stem=m.stem,
       feature_dim=m.feature_dim, embedding=m.embedding, dtype=jnp.dtype(m.dtype),
-      axis_name=axis_name)
+      axis_name=axis_name, conv=conv_backend(m))

@@ -41,7 +41,8 @@ RESULTS_MD = 'results.md'
 # Config keys (a trailing '.': every key under it) whose value does not change
 # what a run computes, so they may differ between a run and its resumption.
 FREE_KEYS = ('data_dir', 'download', 'bad_images', 'cache_dataset', 'log_every',
-             'checkpoint.every_steps', 'checkpoint.max_to_keep', 'knn_monitor.', 'logging.')
+             'checkpoint.every_steps', 'checkpoint.max_to_keep', 'knn_monitor.', 'logging.',
+             'model.conv')
 # The run's length: a change is a meaningful one (the learning-rate schedule
 # is computed over the length), allowed only with --allow_config_change.
 LENGTH_KEYS = ('num_epochs', 'num_steps')

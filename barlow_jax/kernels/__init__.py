@@ -1,0 +1,1 @@
+"""Compiled CPU kernels called from JAX through XLA's FFI (optional; see docs/onednn.md)."""
