@@ -38,7 +38,6 @@ from barlow_jax import optim
 from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import host_crop
-from barlow_jax.data import integrity
 from barlow_jax.data import pipeline
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import distributed
@@ -221,11 +220,9 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
                data.num_global, length.steps_per_epoch, length.total_steps, start_step,
                jax.device_count(), jax.process_count())
   train_step = make_train_step(config, loss_fn, tx, mesh, lr_schedule, num_views, data.spec)
-  crops = host_crop.HostCrops(config.augment.crop_size, views_of(config, num_views))
-  stream = pipeline.train_dataset(data, config.batch_size // jax.process_count(), config.seed,
-                                  start_step, cache=config.cache_dataset, crops=crops)
-  batches = pipeline.prefetch_to_mesh(
-      integrity.checked(stream.as_numpy_iterator(), data.builder, data.split),
+  batches = pipeline.global_batches(
+      data, config.batch_size, config.seed, start_step, config.cache_dataset,
+      host_crop.HostCrops(config.augment.crop_size, views_of(config, num_views)),
       mesh_lib.batch_sharded(mesh))
   schedule = loop.Schedule(length.total_steps, config.log_every, config.checkpoint.every_steps)
   progress = loop.Progress(length.total_steps, config.batch_size, start_step, console_keys)

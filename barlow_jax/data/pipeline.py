@@ -367,3 +367,16 @@ def prefetch_to_mesh(iterator, sharding, size: int = 2) -> Iterator[dict]:
     if len(queue) > size:
       yield queue.pop(0)
   yield from queue
+
+
+def global_batches(data: TrainData, batch_size: int, seed: int, start_step: int, cache: bool,
+                   crops, sharding) -> Iterator[dict]:
+  """The training batches of steps ``start_step``, ... as global arrays with ``sharding``.
+
+  Each process reads its share (``batch_size // process_count`` examples a
+  step, train_dataset); a damaged file ends the run naming it (integrity.checked).
+  """
+  stream = train_dataset(data, batch_size // jax.process_count(), seed, start_step, cache=cache,
+                         crops=crops)
+  return prefetch_to_mesh(integrity.checked(stream.as_numpy_iterator(), data.builder, data.split),
+                          sharding)

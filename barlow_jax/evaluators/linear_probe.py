@@ -21,7 +21,6 @@ import optax
 from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import host_crop
-from barlow_jax.data import integrity
 from barlow_jax.data import pipeline
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import loop
@@ -253,12 +252,9 @@ def train_augmented_probe(config, model, variables, data: pipeline.TrainData,
   head = checkpoint.restore_latest(mngr, head)
   start = int(head[2])
   step = make_augmented_probe_step(config, model, view, tx, mean, std, seed, data.spec)
-  stream = pipeline.train_dataset(data, batch_size // jax.process_count(), seed, start,
-                                  cache=config.cache_dataset,
-                                  crops=host_crop.HostCrops(config.augment.crop_size, (view,)))
-  batches = pipeline.prefetch_to_mesh(
-      integrity.checked(stream.as_numpy_iterator(), data.builder, data.split),
-      mesh_lib.batch_sharded(mesh))
+  batches = pipeline.global_batches(
+      data, batch_size, seed, start, config.cache_dataset,
+      host_crop.HostCrops(config.augment.crop_size, (view,)), mesh_lib.batch_sharded(mesh))
   logging.info('Augmented probe: %d examples, %d steps of %d (%d epochs), start at %d.',
                data.num_global, total, batch_size, epochs, start)
   writer = writers.create(workdir, config)

@@ -43,7 +43,7 @@ class BarlowTwinsModel(nn.Module):
   stem: str = 'cifar'
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
-  conv: str = 'auto'  # The CPU convolution (models/conv.BACKENDS); parameters are the same.
+  conv: str = 'xla'  # The CPU convolution (models/conv.BACKENDS); parameters are the same.
 
   def setup(self):
     self.backbone = _backbone(self)
@@ -59,8 +59,8 @@ class BarlowTwinsModel(nn.Module):
 
 
 def conv_backend(model_config) -> str:
-  """``config.model.conv``; 'auto' for configs recorded before the key existed."""
-  return model_config.get('conv', 'auto')
+  """``config.model.conv``; 'xla' for configs recorded before the key existed."""
+  return model_config.get('conv', 'xla')
 
 
 def create_model(config, num_classes: int, axis_name: Optional[str] = None) -> BarlowTwinsModel:
@@ -94,7 +94,7 @@ class SupervisedModel(nn.Module):
   embedding: str = '2048-128'
   dtype: Any = jnp.float32
   axis_name: Optional[str] = None
-  conv: str = 'auto'  # The CPU convolution (models/conv.BACKENDS); parameters are the same.
+  conv: str = 'xla'  # The CPU convolution (models/conv.BACKENDS); parameters are the same.
 
   def setup(self):
     # Same module name as in BarlowTwinsModel, so a pretrained backbone drops in.

@@ -168,6 +168,24 @@ def _compile(train_step, state, batch, frozen: tuple, progress: Progress):
   return compiled
 
 
+def _stop_if_asked(mngr: ocp.CheckpointManager, saved: int, done: int, total: int,
+                   preempted: bool) -> None:
+  """Raises Preempted, with the checkpoint of step ``saved`` complete, if a stop signal came.
+
+  After the last step nothing looks at the stop flag again: a signal that came
+  since its check stops the run here, once the final save is complete, and a
+  later one ends the process at once (distributed._on_signal).
+  """
+  if done == total and not preempted:
+    distributed.pause_point('final_save')
+    _saving(mngr, saved, mngr.wait_until_finished)
+    preempted = distributed.training_loop_ended()
+  if preempted:
+    _saving(mngr, saved, mngr.wait_until_finished)  # Exit only with the checkpoint complete.
+    raise Preempted(f'Preempted ({distributed.stop_signal()}): saved checkpoint step {done} '
+                    f'of {total} in {mngr.directory}; run the same command again to resume.')
+
+
 def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
               mngr: ocp.CheckpointManager, writer, progress: Progress, start_step: int,
               hooks: Sequence[Hook] = (), frozen: tuple = ()):
@@ -176,12 +194,8 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
   Metrics are summed on the device and averaged every ``schedule.log_every``
   steps (no host sync in between); ``state`` is saved every
   ``schedule.save_every`` steps and at the end, after checking the metrics
-  are finite; then the hooks run. On a stop signal (distributed.py) the loop
-  saves after the current step, waits for the save and raises Preempted,
-  without the hooks (a preempted machine has no time to spare); a signal
-  after the last step's check (during the final save) raises Preempted once
-  that save is complete. The last step's hooks run after its save is
-  complete, outside the loop: a signal then ends the process at once.
+  are finite; then the hooks run. On a stop signal the loop saves after the
+  current step and raises Preempted (_stop_if_asked), without the hooks.
 
   Args:
     state: any pytree; saved as is with StandardSave.
@@ -224,17 +238,7 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     if _report(summed, count, done, schedule, save_now, mngr, writer, progress):
       summed, count = None, 0
     saved = _save(mngr, state, done, saved, save_now)
-    if done == total and not preempted:
-      distributed.pause_point('final_save')
-      # Nothing looks at the stop flag after this step: a signal that came
-      # since its check stops the run here, once the final save is complete,
-      # and a later one ends the process at once (distributed._on_signal).
-      _saving(mngr, saved, mngr.wait_until_finished)
-      preempted = distributed.training_loop_ended()
-    if preempted:
-      _saving(mngr, saved, mngr.wait_until_finished)  # Exit only with the checkpoint complete.
-      raise Preempted(f'Preempted ({distributed.stop_signal()}): saved checkpoint step {done} '
-                      f'of {total} in {mngr.directory}; run the same command again to resume.')
+    _stop_if_asked(mngr, saved, done, total, preempted)
     _run_hooks(hooks, done, state, writer, progress)
   # The last save complete before a signal may end the process at once again.
   _saving(mngr, saved, mngr.wait_until_finished)

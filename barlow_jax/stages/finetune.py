@@ -49,7 +49,7 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   m = pretrained_config.model
   result.model = ml_collections.ConfigDict({
       'encoder': m.encoder, 'width': m.width, 'stem': m.stem, 'dtype': m.dtype,
-      'conv': m.get('conv', 'auto'),  # Absent from configs recorded before it existed.
+      'conv': m.get('conv', 'xla'),  # Absent from configs recorded before it existed.
       'feature_dim': 0,  # The classifier reads the encoder output, as in the paper.
       'embedding': ''})
   result.augment.crop_size = pretrained_config.augment.crop_size
