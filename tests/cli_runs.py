@@ -27,7 +27,7 @@ from barlow_jax.models import factory
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import state as state_lib
-from conftest import REPO
+from conftest import REPO, TEST_XLA_FLAGS
 
 BASE_CONFIG = 'configs/cifar_bt_cpu.py'
 
@@ -59,10 +59,11 @@ def env(devices: int = 1, **extra: str) -> dict:
   """A subprocess environment with ``devices`` CPU devices per process.
 
   The test process itself runs with XLA_FLAGS asking for 8 devices
-  (conftest.py); subprocesses get their own count instead.
+  (conftest.py); subprocesses get their own count instead, and the tests'
+  compile-time flags (conftest.TEST_XLA_FLAGS).
   """
-  out = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
-             TF_CPP_MIN_LOG_LEVEL='2', PYTHON=sys.executable)
+  out = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS, JAX_PLATFORMS='cpu',
+             JAX_NUM_CPU_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL='2', PYTHON=sys.executable)
   # os.environ carries conftest's persistent compilation cache: runs of the same
   # config on the same devices compile once (a restart costs seconds, not the
   # 10-30 s of compiling the train step again).

@@ -12,7 +12,13 @@ import shutil
 import tempfile
 from unittest import mock
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+# Tests compile far more than they run: a tiny train step takes tens of seconds
+# to compile and well under one to run its few steps. LLVM's optimisation
+# passes are off for them (for this process and, through cli_runs.env and
+# test_cli, for every CLI run): compiles take about half the time, steps
+# longer, the same program. Numbers of speed are never taken in tests.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + f' {TEST_XLA_FLAGS}'
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 

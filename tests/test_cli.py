@@ -17,7 +17,7 @@ import zipfile
 import pytest
 
 import wandb_records
-from conftest import DATA_DIR, REPO, assert_png_not_blank, needs_cifar10
+from conftest import DATA_DIR, REPO, TEST_XLA_FLAGS, assert_png_not_blank, needs_cifar10
 
 # What the libraries log at INFO on every run, kept off the console by default (console.py).
 LIBRARY_NOISE = ('orbax', 'INFO:absl', 'Unable to initialize backend', 'xla_bridge.py',
@@ -29,7 +29,7 @@ NATIVE_INFO_LINE = re.compile(r'^I\d{4} [\d:.]+ +\d+ \S+\.(cc|h):\d+\] ', re.M)
 
 
 def _env() -> dict:
-  env = dict(os.environ, XLA_FLAGS='')  # One CPU device, as a user's laptop.
+  env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)  # One CPU device, as a user's laptop.
   env.pop('PYTHONPATH', None)  # barlow_jax as installed, not from the checkout.
   return env
 
