@@ -145,6 +145,8 @@ def _validate_pretrained_and_labels(config) -> None:
 def validate_linear(config) -> None:
   """Checks for the linear-probe / kNN stage; raises ConfigError."""
   _validate_pretrained_and_labels(config)
+  if config.get('dataset'):  # Another dataset than the pretraining's.
+    datasets.check_name(config.dataset, config.data_dir)
   _require(config.batch_size > 0 and config.batch_size % jax.device_count() == 0,
            f'config.batch_size={config.batch_size} must be a positive multiple of the device '
            f'count ({jax.device_count()}).')
@@ -209,5 +211,7 @@ def validate_supervised(config) -> None:
 def validate_finetune(config) -> None:
   """Checks for the fine-tuning stage, before the pretraining config is read."""
   _validate_pretrained_and_labels(config)
+  if config.get('dataset'):  # Another dataset than the pretraining's.
+    datasets.check_name(config.dataset, config.data_dir)
   _require(config.head_init in ('linear_probe', 'random'),
            f"config.head_init={config.head_init!r} must be 'linear_probe' or 'random'.")

@@ -7,8 +7,8 @@ the stages receives that object, or the fields of it it needs.
 
 ``config.dataset`` is one of:
 
-* a tuned name of ``DATASETS`` (cifar10, cifar100, stl10, imagenet2012): the
-  statistics and sizes of the papers;
+* a tuned name of ``DATASETS`` (cifar10, cifar100, stl10, imagenet2012, and
+  ImageNet's 1% and 10% label subsets): the statistics and sizes of the papers;
 * any other TFDS name, ``name[/config][:version]``: the spec comes from the
   builder's info (classes from the 'label' ClassLabel, the image feature's
   shape), the channel statistics from at most ``STATS_IMAGES`` training images;
@@ -65,6 +65,13 @@ DATASETS = {
                                 (0.229, 0.224, 0.225), test_split='validation', fixed_size=False,
                                 eval_resize=256),
 }
+# The semi-supervised protocol (Barlow Twins §4.2, the official evaluate.py --train-percent):
+# SimCLR's class-balanced lists of 1% and 10% of ImageNet's training images. TFDS's
+# imagenet2012_subset builds them from the ImageNet tars; its 'validation' split is all of
+# imagenet2012's validation images, the protocol's test set.
+for _percent in ('1pct', '10pct'):
+  DATASETS[f'imagenet2012_subset/{_percent}'] = dataclasses.replace(
+      DATASETS['imagenet2012'], tfds_name=f'imagenet2012_subset/{_percent}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +112,9 @@ def resolve(name: str, *, data_dir: Optional[str], download: bool, crop_size: in
     download: fetch a missing TFDS dataset (tuned or not).
     crop_size: the network's input side; the evaluation side of variable-size
       images that have no tuned spec.
-    stats: {'mean', 'std'} recorded by the pretraining run (config.data_stats):
-      used instead of computing them again, so that the probe standardises as
-      pretraining did. Ignored for tuned datasets.
+    stats: {'mean', 'std'} recorded by the pretraining run (config.data_stats),
+      or the encoder's (for_encoder): used instead of the tuned or computed
+      ones, so that the probe standardises as pretraining did.
     bad_images: folders only: 'skip' undecodable files (counted in the log) or
       'fatal'.
 
@@ -118,6 +125,10 @@ def resolve(name: str, *, data_dir: Optional[str], download: bool, crop_size: in
   """
   if name in DATASETS:
     spec = DATASETS[name]
+    if not spec.fixed_size:  # Evaluated at the network's input side, as untuned ones.
+      spec = dataclasses.replace(spec, image_size=crop_size, eval_resize=_eval_resize(crop_size))
+    if stats:
+      spec = dataclasses.replace(spec, mean=tuple(stats['mean']), std=tuple(stats['std']))
     return Dataset(name, spec, get_builder(spec.tfds_name, data_dir, download))
   if name.startswith(folders.PREFIX):
     prepared = folders.prepare(name[len(folders.PREFIX):], data_dir, bad_images)
@@ -141,6 +152,40 @@ def from_config(config) -> Dataset:
                  bad_images=config.get('bad_images') or 'skip')
 
 
+def encoder_stats(config) -> dict:
+  """{'mean', 'std'} a (recorded) pretraining config standardised its images with: the tuned
+  dataset's, or the data_stats its run recorded."""
+  if config.get('data_stats'):
+    return {'mean': list(config.data_stats.mean), 'std': list(config.data_stats.std)}
+  if config.dataset in DATASETS:
+    spec = DATASETS[config.dataset]
+    return {'mean': list(spec.mean), 'std': list(spec.std)}
+  raise ConfigError(f'config.dataset={config.dataset!r}: the config records no data_stats '
+                    '(written by the stage that resolved it).')
+
+
+def for_encoder(name: str, encoder_config) -> Dataset:
+  """``name`` resolved for the encoder a pretraining config describes (probe, fine-tuning).
+
+  Where the data is, and how bad folder images are treated, come from
+  ``encoder_config`` (with the evaluation stage's data_dir and download
+  already applied). The images are standardised with the encoder's statistics,
+  whatever the dataset: the network sees its inputs on the scale it was
+  trained on, as the official evaluation standardises every dataset with
+  ImageNet's. Variable-size images are cut at the encoder's crop size.
+
+  Args:
+    name: the dataset to evaluate on (config.dataset of the pretraining run, or another one).
+    encoder_config: the pretraining run's recorded config (pretrain.read_pretrained_config).
+
+  Raises:
+    As resolve.
+  """
+  return resolve(name, data_dir=encoder_config.data_dir, download=encoder_config.download,
+                 crop_size=encoder_config.augment.crop_size, stats=encoder_stats(encoder_config),
+                 bad_images=encoder_config.get('bad_images') or 'skip')
+
+
 def num_classes(config) -> int:
   """The class count of a (recorded) config's dataset: tuned, or from its data_stats.
 
@@ -159,10 +204,12 @@ def num_classes(config) -> int:
 def record_stats(config, dataset: Dataset) -> None:
   """Puts the computed channel statistics into ``config`` (data_stats), for config.json.
 
-  Tuned datasets have theirs in DATASETS; nothing is added (their runs' config.json
-  are unchanged). The probe and the notebook read them back (from_config).
+  Tuned datasets standardised with their own statistics have them in DATASETS;
+  nothing is added (their runs' config.json are unchanged). The probe and the
+  notebook read them back (from_config).
   """
-  if dataset.name in DATASETS:
+  tuned = DATASETS.get(dataset.name)
+  if tuned and (tuned.mean, tuned.std) == (dataset.spec.mean, dataset.spec.std):
     return
   with config.unlocked():
     config.data_stats = dataset.stats()
@@ -252,8 +299,11 @@ def _spec_from_info(builder, name: str, crop_size: int) -> DatasetSpec:
                       'images; the host crops read JPEG (prepare it as a folder: '
                       'folder:/path re-encodes it).')
   return DatasetSpec(builder.name, label.num_classes, crop_size, (0.5,) * 3, (0.25,) * 3,
-                     test_split, fixed_size=False,
-                     eval_resize=int(round(crop_size * _EVAL_RESIZE_RATIO)))
+                     test_split, fixed_size=False, eval_resize=_eval_resize(crop_size))
+
+
+def _eval_resize(crop_size: int) -> int:
+  return int(round(crop_size * _EVAL_RESIZE_RATIO))
 
 
 def _train_split(builder) -> str:
