@@ -161,6 +161,26 @@ def validate_linear(config) -> None:
   _require(all(k > 0 for k in config.knn.k), f'config.knn.k={config.knn.k} must be positive.')
 
 
+def validate_transfer(config) -> list[str]:
+  """Checks for the transfer table (stages/transfer.py); raises ConfigError.
+
+  Returns:
+    The dataset names of config.datasets, in order; each checked (datasets.check_name).
+  """
+  validate_linear(config)
+  names = [n.strip() for n in (config.datasets or '').split(',') if n.strip()]
+  _require(bool(names), f'config.datasets={config.datasets!r} must name the datasets to probe, '
+           "comma-separated: 'cifar10,cifar100,folder:/path'.")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  _require(not repeated, f'config.datasets names {repeated} more than once.')
+  for name in names:
+    datasets.check_name(name, config.data_dir, f'{name!r} of config.datasets')
+  _require(not config.probe.augment, 'config.probe.augment=True is not supported by the transfer '
+           'table (its head would resume per dataset); probe one dataset with '
+           'configs/cifar_linear.py --config.dataset=NAME instead.')
+  return names
+
+
 BASELINE_METHODS = ('knn_k5', 'logistic_regression', 'random_forest')
 
 

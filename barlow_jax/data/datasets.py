@@ -243,45 +243,52 @@ def get_builder(tfds_name: str, data_dir: Optional[str],
   return builder
 
 
-def _unknown_name_message(name: str) -> str:
+def _unknown_name_message(name: str, what: str = '') -> str:
+  """``what``: how the message names the value (default: config.dataset=NAME)."""
+  what = what or f'config.dataset={name!r}'
   base = name.split(':')[0].split('/')[0]
   known = sorted(set(DATASETS) | set(tfds.list_builders()))
   close = difflib.get_close_matches(base, known, n=5)
   hint = f' Did you mean {", ".join(close)}?' if close else ''
-  return (f'config.dataset={name!r}: no such dataset. Use one of {sorted(DATASETS)}, any TFDS '
+  return (f'{what}: no such dataset. Use one of {sorted(DATASETS)}, any TFDS '
           f"name ('name', 'name/config', 'name:version'), or 'folder:/path/to/images'.{hint}")
 
 
-def check_name(name: str, data_dir: Optional[str]) -> None:
+def check_name(name: str, data_dir: Optional[str], what: str = '') -> None:
   """ConfigError unless ``name`` can be a dataset: a tuned name, an existing folder, or a TFDS
-  dataset with an RGB 'image' and a 'label' ClassLabel (read from its code: no data needed)."""
+  dataset with an RGB 'image' and a 'label' ClassLabel (read from its code: no data needed).
+
+  ``what`` names the value in the message (default: config.dataset=NAME).
+  """
+  what = what or f'config.dataset={name!r}'
   if name in DATASETS:
     return
   if name.startswith(folders.PREFIX):
     root = os.path.expanduser(name[len(folders.PREFIX):])
     if not os.path.isdir(root):
-      raise ConfigError(f'config.dataset={name!r}: {root} is not a directory.')
+      raise ConfigError(f'{what}: {root} is not a directory.')
     return
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ConfigError(_unknown_name_message(name)) from None
-  _image_and_label(builder, name)
+    raise ConfigError(_unknown_name_message(name, what)) from None
+  _image_and_label(builder, name, what)
 
 
-def _image_and_label(builder, name: str):
+def _image_and_label(builder, name: str, what: str = ''):
   """The 'image' and 'label' features; ConfigError unless an RGB Image and a ClassLabel."""
+  what = what or f'config.dataset={name!r}'
   features = builder.info.features
   image = features['image'] if 'image' in features else None
   label = None
   if 'label' in features and isinstance(features['label'], tfds.features.ClassLabel):
     label = features['label']
   if not isinstance(image, tfds.features.Image) or label is None:
-    raise ConfigError(f'config.dataset={name!r} has features {sorted(features.keys())}; '
+    raise ConfigError(f'{what} has features {sorted(features.keys())}; '
                       "barlow_jax reads an 'image' Image and a 'label' ClassLabel feature.")
   height, width, channels = image.shape
   if channels != 3:
-    raise ConfigError(f'config.dataset={name!r} has {channels}-channel images; barlow_jax reads '
+    raise ConfigError(f'{what} has {channels}-channel images; barlow_jax reads '
                       'RGB (prepare it as a folder: folder:/path converts every image to RGB).')
   return image, label
 
