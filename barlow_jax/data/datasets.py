@@ -111,7 +111,7 @@ def resolve(name: str, *, data_dir: Optional[str], download: bool, crop_size: in
       folders are prepared under it.
     download: fetch a missing TFDS dataset (tuned or not).
     crop_size: the network's input side; the evaluation side of variable-size
-      images that have no tuned spec.
+      images (ImageNet's 224 is its tuned crop).
     stats: {'mean', 'std'} recorded by the pretraining run (config.data_stats),
       or the encoder's (for_encoder): used instead of the tuned or computed
       ones, so that the probe standardises as pretraining did.
