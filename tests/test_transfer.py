@@ -12,6 +12,7 @@ import pytest
 
 from barlow_jax import config_files
 from barlow_jax import main
+from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import linear
 from barlow_jax.stages import transfer
 from conftest import DATA_DIR, needs_cifar10, pretraining_workdir, snapshot, tiny_config
@@ -95,3 +96,15 @@ def test_a_bad_dataset_among_several_exits_2_before_any_work(encoder_workdir, tm
   assert exit_.value.code == 2
   assert re.search(message, capsys.readouterr().err)
   assert not snapshot(tmp_path / 'run')  # Nothing written (the lock file aside).
+
+
+def test_a_probe_recorded_before_config_dataset_existed_resumes_under_todays_config():
+  """The new placeholder, left unset, is no difference from a config.json that lacks it
+  (the augmented probe resumes only under the config it recorded)."""
+  today = config_files.load('cifar_linear')
+  recorded = today.to_dict()
+  del recorded['dataset']
+  assert workdir_lib.config_differences(recorded, today) == []
+  today.dataset = 'cifar100'
+  assert workdir_lib.config_differences(recorded, today) == [
+      ('dataset', workdir_lib.ABSENT, 'cifar100')]
