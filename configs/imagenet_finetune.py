@@ -1,4 +1,4 @@
-r"""ImageNet's semi-supervised protocol: fine-tuning on 1% or 10% of the labels (paper §4.2).
+r"""ImageNet's semi-supervised protocol: fine-tuning on 1% or 10% of the labels (paper Table 2).
 
 The official evaluate.py with ``--weights finetune --train-percent 1`` (or 10):
 the pretrained ResNet-50 and a new linear classifier are trained together on

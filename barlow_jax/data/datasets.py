@@ -65,7 +65,7 @@ DATASETS = {
                                 (0.229, 0.224, 0.225), test_split='validation', fixed_size=False,
                                 eval_resize=256),
 }
-# The semi-supervised protocol (Barlow Twins §4.2, the official evaluate.py --train-percent):
+# The semi-supervised protocol (Barlow Twins Table 2, the official evaluate.py --train-percent):
 # SimCLR's class-balanced lists of 1% and 10% of ImageNet's training images. TFDS's
 # imagenet2012_subset builds them from the ImageNet tars; its 'validation' split is all of
 # imagenet2012's validation images, the protocol's test set.
