@@ -108,3 +108,16 @@ def test_a_probe_recorded_before_config_dataset_existed_resumes_under_todays_con
   today.dataset = 'cifar100'
   assert workdir_lib.config_differences(recorded, today) == [
       ('dataset', workdir_lib.ABSENT, 'cifar100')]
+
+
+@pytest.mark.parametrize('name', ['cifar_linear', 'cifar_finetune'])
+def test_a_bad_single_dataset_for_the_probe_or_fine_tuning_exits_2(encoder_workdir, tmp_path,
+                                                                   capsys, name):
+  config = config_files.load(name)
+  config.pretrained_workdir, config.dataset = str(encoder_workdir), 'cifar01'
+  with pytest.raises(SystemExit) as exit_:
+    main.run(config, str(tmp_path / 'run'))
+  assert exit_.value.code == 2
+  assert re.search(r"config.dataset='cifar01': no such dataset.*Did you mean.*cifar10",
+                   capsys.readouterr().err)
+  assert not snapshot(tmp_path / 'run')
