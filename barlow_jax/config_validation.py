@@ -145,6 +145,8 @@ def _validate_pretrained_and_labels(config) -> None:
 def validate_linear(config) -> None:
   """Checks for the linear-probe / kNN stage; raises ConfigError."""
   _validate_pretrained_and_labels(config)
+  if config.get('dataset'):  # Another dataset than the pretraining's.
+    datasets.check_name(config.dataset, config.data_dir)
   _require(config.batch_size > 0 and config.batch_size % jax.device_count() == 0,
            f'config.batch_size={config.batch_size} must be a positive multiple of the device '
            f'count ({jax.device_count()}).')
@@ -157,6 +159,26 @@ def validate_linear(config) -> None:
              f'and of the process count ({p}) when config.probe.augment is set.')
   validate_view(config.probe.view, 'probe.view')  # Also the augmented-test accuracy's view.
   _require(all(k > 0 for k in config.knn.k), f'config.knn.k={config.knn.k} must be positive.')
+
+
+def validate_transfer(config) -> list[str]:
+  """Checks for the transfer table (stages/transfer.py); raises ConfigError.
+
+  Returns:
+    The dataset names of config.datasets, in order; each checked (datasets.check_name).
+  """
+  validate_linear(config)
+  names = [n.strip() for n in (config.datasets or '').split(',') if n.strip()]
+  _require(bool(names), f'config.datasets={config.datasets!r} must name the datasets to probe, '
+           "comma-separated: 'cifar10,cifar100,folder:/path'.")
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  _require(not repeated, f'config.datasets names {repeated} more than once.')
+  for name in names:
+    datasets.check_name(name, config.data_dir, f'{name!r} of config.datasets')
+  _require(not config.probe.augment, 'config.probe.augment=True is not supported by the transfer '
+           'table (its head would resume per dataset); probe one dataset with '
+           'configs/cifar_linear.py --config.dataset=NAME instead.')
+  return names
 
 
 BASELINE_METHODS = ('knn_k5', 'logistic_regression', 'random_forest')
@@ -209,5 +231,7 @@ def validate_supervised(config) -> None:
 def validate_finetune(config) -> None:
   """Checks for the fine-tuning stage, before the pretraining config is read."""
   _validate_pretrained_and_labels(config)
+  if config.get('dataset'):  # Another dataset than the pretraining's.
+    datasets.check_name(config.dataset, config.data_dir)
   _require(config.head_init in ('linear_probe', 'random'),
            f"config.head_init={config.head_init!r} must be 'linear_probe' or 'random'.")

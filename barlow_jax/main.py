@@ -1,7 +1,8 @@
 r"""The command line of every stage: ``python -m barlow_jax.main --config=CONFIG --workdir=DIR``.
 
 ``config.mode`` picks what runs: 'pretrain' (Barlow Twins), 'linear' (probe +
-kNN of a pretrained encoder), 'finetune', 'supervised' (cross-entropy with a
+kNN of a pretrained encoder), 'transfer' (the same on several datasets, one
+table), 'finetune', 'supervised' (cross-entropy with a
 Barlow Twins term), 'baselines' (raw pixels), 'sweep' (a γ × seed grid of
 supervised runs) or 'reproduce' (the fraction comparison of Ghosh, Ghosh & Das
 2022). ``--config`` takes a path or the name of a config of this
@@ -77,6 +78,7 @@ from barlow_jax.stages import finetune
 from barlow_jax.stages import linear
 from barlow_jax.stages import pretrain
 from barlow_jax.stages import supervised
+from barlow_jax.stages import transfer
 
 # config.mode -> what runs, all with the signature (config, workdir, allow_config_change=...).
 MODES = {
@@ -87,6 +89,7 @@ MODES = {
     'baselines': baselines.run,
     'sweep': sweep.run,
     'reproduce': reproduce.run,
+    'transfer': transfer.run,
 }
 # Config keys holding paths; made absolute when a run starts, so that a
 # workdir's config.json still finds them from any other directory.
@@ -160,9 +163,17 @@ def absolute_paths(config) -> None:
       if c is not None and isinstance(c.get(key), str) and c[key] and '://' not in c[key]:
         c[key] = os.path.abspath(c[key])
     # A folder dataset is recorded in config.json: the probe may run from elsewhere.
-    if c is not None and str(c.get('dataset', '')).startswith(folders.PREFIX):
-      c.dataset = folders.PREFIX + os.path.abspath(
-          os.path.expanduser(c.dataset[len(folders.PREFIX):]))
+    if c is not None and c.get('dataset'):
+      c.dataset = _absolute_folder(c.dataset)
+    if c is not None and c.get('datasets'):  # The transfer table's.
+      c.datasets = ','.join(_absolute_folder(n.strip()) for n in c.datasets.split(','))
+
+
+def _absolute_folder(name: str) -> str:
+  """``folder:PATH`` with PATH made absolute; other dataset names unchanged."""
+  if not name.startswith(folders.PREFIX):
+    return name
+  return folders.PREFIX + os.path.abspath(os.path.expanduser(name[len(folders.PREFIX):]))
 
 
 def _new_dirs(path: str) -> list[str]:

@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mode = 'finetune'
   config.pretrained_workdir = config_dict.placeholder(str)
   config.checkpoint_step = config_dict.placeholder(int)  # None: the latest.
+  # None: the pretraining's dataset; another name fine-tunes on it (standardised
+  # with the encoder's statistics, datasets.for_encoder).
+  config.dataset = config_dict.placeholder(str)
   config.data_dir = config_dict.placeholder(str)  # None: as in pretraining.
   config.download = config_dict.placeholder(bool)
   config.train_split = 'train'

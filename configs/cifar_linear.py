@@ -29,6 +29,9 @@ def get_config():
   config.pretrained_workdir = config_dict.placeholder(str)
   config.checkpoint_step = config_dict.placeholder(int)  # None: the latest.
   config.random_init = False  # True: same architecture, untrained (a baseline).
+  # None: the pretraining's dataset; another name (TFDS or folder:) probes the
+  # encoder on it, standardised with the encoder's statistics.
+  config.dataset = config_dict.placeholder(str)
   config.data_dir = config_dict.placeholder(str)  # None: as in pretraining.
   config.download = config_dict.placeholder(bool)
   config.train_split = 'train'

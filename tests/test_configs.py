@@ -32,7 +32,7 @@ _SHIPPED = sorted(p.stem for p in pathlib.Path(config_files.configs_dir()).glob(
 @pytest.mark.parametrize('name', _SHIPPED)
 def test_every_shipped_config_loads_and_passes_its_checks(name):
   config = config_files.load(name)
-  assert config.mode in (*_CHECKS, 'linear', 'finetune', 'reproduce'), config.mode
+  assert config.mode in (*_CHECKS, 'linear', 'finetune', 'reproduce', 'transfer'), config.mode
   if config.mode in _CHECKS:
     _CHECKS[config.mode](config)
 

@@ -7,8 +7,8 @@ the stages receives that object, or the fields of it it needs.
 
 ``config.dataset`` is one of:
 
-* a tuned name of ``DATASETS`` (cifar10, cifar100, stl10, imagenet2012): the
-  statistics and sizes of the papers;
+* a tuned name of ``DATASETS`` (cifar10, cifar100, stl10, imagenet2012, and
+  ImageNet's 1% and 10% label subsets): the statistics and sizes of the papers;
 * any other TFDS name, ``name[/config][:version]``: the spec comes from the
   builder's info (classes from the 'label' ClassLabel, the image feature's
   shape), the channel statistics from at most ``STATS_IMAGES`` training images;
@@ -65,6 +65,13 @@ DATASETS = {
                                 (0.229, 0.224, 0.225), test_split='validation', fixed_size=False,
                                 eval_resize=256),
 }
+# The semi-supervised protocol (Barlow Twins Table 2, the official evaluate.py --train-percent):
+# SimCLR's class-balanced lists of 1% and 10% of ImageNet's training images. TFDS's
+# imagenet2012_subset builds them from the ImageNet tars; its 'validation' split is all of
+# imagenet2012's validation images, the protocol's test set.
+for _percent in ('1pct', '10pct'):
+  DATASETS[f'imagenet2012_subset/{_percent}'] = dataclasses.replace(
+      DATASETS['imagenet2012'], tfds_name=f'imagenet2012_subset/{_percent}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +111,10 @@ def resolve(name: str, *, data_dir: Optional[str], download: bool, crop_size: in
       folders are prepared under it.
     download: fetch a missing TFDS dataset (tuned or not).
     crop_size: the network's input side; the evaluation side of variable-size
-      images that have no tuned spec.
-    stats: {'mean', 'std'} recorded by the pretraining run (config.data_stats):
-      used instead of computing them again, so that the probe standardises as
-      pretraining did. Ignored for tuned datasets.
+      images (ImageNet's 224 is its tuned crop).
+    stats: {'mean', 'std'} recorded by the pretraining run (config.data_stats),
+      or the encoder's (for_encoder): used instead of the tuned or computed
+      ones, so that the probe standardises as pretraining did.
     bad_images: folders only: 'skip' undecodable files (counted in the log) or
       'fatal'.
 
@@ -118,6 +125,10 @@ def resolve(name: str, *, data_dir: Optional[str], download: bool, crop_size: in
   """
   if name in DATASETS:
     spec = DATASETS[name]
+    if not spec.fixed_size:  # Evaluated at the network's input side, as untuned ones.
+      spec = dataclasses.replace(spec, image_size=crop_size, eval_resize=_eval_resize(crop_size))
+    if stats:
+      spec = dataclasses.replace(spec, mean=tuple(stats['mean']), std=tuple(stats['std']))
     return Dataset(name, spec, get_builder(spec.tfds_name, data_dir, download))
   if name.startswith(folders.PREFIX):
     prepared = folders.prepare(name[len(folders.PREFIX):], data_dir, bad_images)
@@ -141,6 +152,40 @@ def from_config(config) -> Dataset:
                  bad_images=config.get('bad_images') or 'skip')
 
 
+def encoder_stats(config) -> dict:
+  """{'mean', 'std'} a (recorded) pretraining config standardised its images with: the tuned
+  dataset's, or the data_stats its run recorded."""
+  if config.get('data_stats'):
+    return {'mean': list(config.data_stats.mean), 'std': list(config.data_stats.std)}
+  if config.dataset in DATASETS:
+    spec = DATASETS[config.dataset]
+    return {'mean': list(spec.mean), 'std': list(spec.std)}
+  raise ConfigError(f'config.dataset={config.dataset!r}: the config records no data_stats '
+                    '(written by the stage that resolved it).')
+
+
+def for_encoder(name: str, encoder_config) -> Dataset:
+  """``name`` resolved for the encoder a pretraining config describes (probe, fine-tuning).
+
+  Where the data is, and how bad folder images are treated, come from
+  ``encoder_config`` (with the evaluation stage's data_dir and download
+  already applied). The images are standardised with the encoder's statistics,
+  whatever the dataset: the network sees its inputs on the scale it was
+  trained on, as the official evaluation standardises every dataset with
+  ImageNet's. Variable-size images are cut at the encoder's crop size.
+
+  Args:
+    name: the dataset to evaluate on (config.dataset of the pretraining run, or another one).
+    encoder_config: the pretraining run's recorded config (pretrain.read_pretrained_config).
+
+  Raises:
+    As resolve.
+  """
+  return resolve(name, data_dir=encoder_config.data_dir, download=encoder_config.download,
+                 crop_size=encoder_config.augment.crop_size, stats=encoder_stats(encoder_config),
+                 bad_images=encoder_config.get('bad_images') or 'skip')
+
+
 def num_classes(config) -> int:
   """The class count of a (recorded) config's dataset: tuned, or from its data_stats.
 
@@ -159,10 +204,12 @@ def num_classes(config) -> int:
 def record_stats(config, dataset: Dataset) -> None:
   """Puts the computed channel statistics into ``config`` (data_stats), for config.json.
 
-  Tuned datasets have theirs in DATASETS; nothing is added (their runs' config.json
-  are unchanged). The probe and the notebook read them back (from_config).
+  Tuned datasets standardised with their own statistics have them in DATASETS;
+  nothing is added (their runs' config.json are unchanged). The probe and the
+  notebook read them back (from_config).
   """
-  if dataset.name in DATASETS:
+  tuned = DATASETS.get(dataset.name)
+  if tuned and (tuned.mean, tuned.std) == (dataset.spec.mean, dataset.spec.std):
     return
   with config.unlocked():
     config.data_stats = dataset.stats()
@@ -196,45 +243,52 @@ def get_builder(tfds_name: str, data_dir: Optional[str],
   return builder
 
 
-def _unknown_name_message(name: str) -> str:
+def _unknown_name_message(name: str, what: str = '') -> str:
+  """``what``: how the message names the value (default: config.dataset=NAME)."""
+  what = what or f'config.dataset={name!r}'
   base = name.split(':')[0].split('/')[0]
   known = sorted(set(DATASETS) | set(tfds.list_builders()))
   close = difflib.get_close_matches(base, known, n=5)
   hint = f' Did you mean {", ".join(close)}?' if close else ''
-  return (f'config.dataset={name!r}: no such dataset. Use one of {sorted(DATASETS)}, any TFDS '
+  return (f'{what}: no such dataset. Use one of {sorted(DATASETS)}, any TFDS '
           f"name ('name', 'name/config', 'name:version'), or 'folder:/path/to/images'.{hint}")
 
 
-def check_name(name: str, data_dir: Optional[str]) -> None:
+def check_name(name: str, data_dir: Optional[str], what: str = '') -> None:
   """ConfigError unless ``name`` can be a dataset: a tuned name, an existing folder, or a TFDS
-  dataset with an RGB 'image' and a 'label' ClassLabel (read from its code: no data needed)."""
+  dataset with an RGB 'image' and a 'label' ClassLabel (read from its code: no data needed).
+
+  ``what`` names the value in the message (default: config.dataset=NAME).
+  """
+  what = what or f'config.dataset={name!r}'
   if name in DATASETS:
     return
   if name.startswith(folders.PREFIX):
     root = os.path.expanduser(name[len(folders.PREFIX):])
     if not os.path.isdir(root):
-      raise ConfigError(f'config.dataset={name!r}: {root} is not a directory.')
+      raise ConfigError(f'{what}: {root} is not a directory.')
     return
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ConfigError(_unknown_name_message(name)) from None
-  _image_and_label(builder, name)
+    raise ConfigError(_unknown_name_message(name, what)) from None
+  _image_and_label(builder, name, what)
 
 
-def _image_and_label(builder, name: str):
+def _image_and_label(builder, name: str, what: str = ''):
   """The 'image' and 'label' features; ConfigError unless an RGB Image and a ClassLabel."""
+  what = what or f'config.dataset={name!r}'
   features = builder.info.features
   image = features['image'] if 'image' in features else None
   label = None
   if 'label' in features and isinstance(features['label'], tfds.features.ClassLabel):
     label = features['label']
   if not isinstance(image, tfds.features.Image) or label is None:
-    raise ConfigError(f'config.dataset={name!r} has features {sorted(features.keys())}; '
+    raise ConfigError(f'{what} has features {sorted(features.keys())}; '
                       "barlow_jax reads an 'image' Image and a 'label' ClassLabel feature.")
   height, width, channels = image.shape
   if channels != 3:
-    raise ConfigError(f'config.dataset={name!r} has {channels}-channel images; barlow_jax reads '
+    raise ConfigError(f'{what} has {channels}-channel images; barlow_jax reads '
                       'RGB (prepare it as a folder: folder:/path converts every image to RGB).')
   return image, label
 
@@ -252,8 +306,11 @@ def _spec_from_info(builder, name: str, crop_size: int) -> DatasetSpec:
                       'images; the host crops read JPEG (prepare it as a folder: '
                       'folder:/path re-encodes it).')
   return DatasetSpec(builder.name, label.num_classes, crop_size, (0.5,) * 3, (0.25,) * 3,
-                     test_split, fixed_size=False,
-                     eval_resize=int(round(crop_size * _EVAL_RESIZE_RATIO)))
+                     test_split, fixed_size=False, eval_resize=_eval_resize(crop_size))
+
+
+def _eval_resize(crop_size: int) -> int:
+  return int(round(crop_size * _EVAL_RESIZE_RATIO))
 
 
 def _train_split(builder) -> str:

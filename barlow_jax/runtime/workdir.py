@@ -160,10 +160,13 @@ def config_differences(recorded, requested) -> list[tuple[str, Any, Any]]:
 
   Returns:
     Sorted by dotted key; a key one config lacks has the value ABSENT there.
+    A key one config lacks and the other leaves None (a placeholder added to
+    the config files since the run was recorded, left unset) is no difference.
   """
   old, new = _flatten(_as_json(recorded)), _flatten(_as_json(requested))
+  value = lambda config, k: ABSENT if config.get(k) is None else config[k]
   return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
-          if not _free(k) and old.get(k, ABSENT) != new.get(k, ABSENT)]
+          if not _free(k) and value(old, k) != value(new, k)]
 
 
 def _short(value: Any, width: int = 60) -> str:

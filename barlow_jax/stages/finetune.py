@@ -3,7 +3,10 @@
   python -m barlow_jax.main --config=configs/cifar_finetune.py \
       --config.pretrained_workdir=runs/bt --config.label_fraction=0.1 --workdir=runs/ft10
 
-The architecture comes from <pretrained_workdir>/config.json and the encoder
+The dataset is the pretraining's unless ``config.dataset`` names another
+(ImageNet's semi-supervised protocol: configs/imagenet_finetune.py fine-tunes
+on ``imagenet2012_subset/1pct`` or ``/10pct``); either way its images are
+standardised with the encoder's statistics (datasets.for_encoder). The architecture comes from <pretrained_workdir>/config.json and the encoder
 weights (params and BatchNorm statistics) from its Orbax checkpoint
 (stages/pretrain.load_pretrained); the projector is dropped and a new linear
 classifier reads the encoder's features. The whole network is then trained
@@ -30,8 +33,9 @@ from barlow_jax.stages import supervised
 def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   """The supervised config of the fine-tuning run.
 
-  Dataset and encoder architecture come from the pretraining config;
-  ``label_fraction`` becomes the supervised stage's ``fraction``.
+  The encoder architecture comes from the pretraining config, the dataset too
+  unless ``config.dataset`` names another; ``label_fraction`` becomes the
+  supervised stage's ``fraction``.
 
   Args:
     config: the fine-tuning config (configs/cifar_finetune.py).
@@ -41,7 +45,7 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
     A new, unlocked ConfigDict for supervised.run.
   """
   result = ml_collections.ConfigDict(config.to_dict())
-  result.dataset = pretrained_config.dataset
+  result.dataset = config.get('dataset') or pretrained_config.dataset
   for key in ('data_dir', 'download'):  # Where the data is may differ from pretraining.
     if result[key] is None:
       result[key] = pretrained_config[key]
@@ -53,7 +57,8 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
       'feature_dim': 0,  # The classifier reads the encoder output, as in the paper.
       'embedding': ''})
   result.augment.crop_size = pretrained_config.augment.crop_size
-  if pretrained_config.get('data_stats'):  # The encoder's input standardisation.
+  if pretrained_config.get('data_stats') and result.dataset == pretrained_config.dataset:
+    # The encoder's input standardisation (another dataset records its own: supervised.run).
     result.data_stats = pretrained_config.data_stats.to_dict()
   return result
 
@@ -117,7 +122,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
                                      {'data_dir': config.data_dir, 'download': config.download})
   source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
-  dataset = datasets.from_config(encoder.config)  # With the statistics pretraining recorded.
+  dataset = datasets.for_encoder(config.get('dataset') or encoder.config.dataset, encoder.config)
   return supervised.run(supervised_config(config, encoder.config), workdir,
                         init_variables=initial_variables(config, encoder, dataset, mesh),
                         extra_results=source,

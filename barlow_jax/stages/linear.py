@@ -3,8 +3,10 @@
   python -m barlow_jax.main --config=configs/cifar_linear.py \
       --config.pretrained_workdir=runs/bt --workdir=runs/probe
 
-Features of the train and test splits are computed once (no augmentation),
-then the kNN classifiers and the linear probe run on them. With
+``--config.dataset=NAME`` probes the encoder on another dataset than its
+pretraining's (stages/transfer.py probes several into one table). Features
+of the train and test splits are computed once (no augmentation), then the
+kNN classifiers and the linear probe run on them. With
 ``probe.augment`` the linear probe instead trains on features of augmented
 train images (``probe.view``, crop + flip) computed on the fly, one jitted
 step per batch (evaluators/linear_probe.train_augmented_probe); test features
@@ -103,37 +105,55 @@ def record_config(config, workdir: str, allow_config_change: bool) -> None:
   workdir_lib.record_start(workdir, config, resume_step, differences)
 
 
-def run(config, workdir: str, allow_config_change: bool = False) -> dict:
-  """Runs kNN + linear probe; returns (and writes) the results dict.
+def probe_dataset(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+                  test_split: str, workdir: str, mesh):
+  """kNN and the linear probe of the frozen ``encoder`` on one dataset.
 
-  The pretraining workdir is only read. Only the augmented probe resumes (its
-  head, from ``workdir``/checkpoints), refused under another config than it
-  recorded unless ``allow_config_change``; the cached probe starts afresh.
+  Features of config.train_split (its balanced label_fraction) and of
+  ``test_split``, computed once without augmentation; the kNN classifiers
+  (config.knn) and the probe (train_probe) read them.
+
+  Returns:
+    ({'num_train', 'knn_k<k>' for each k, 'linear'}: metrics on ``test_split``,
+     the probe's ``classify(features) -> scores``).
   """
-  config_validation.validate_linear(config)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  mesh = mesh_lib.make_mesh()
-  encoder, description = load_encoder(config, mesh)
-  dataset = datasets.from_config(encoder.config)  # With the statistics pretraining recorded.
   spec = dataset.spec
-  test_split = check_splits(config, dataset)
   train_x, train_y = _features(config, encoder, dataset, config.train_split, mesh)
   test_x, test_y = _features(config, encoder, dataset, test_split, mesh)
   if config.label_fraction < 1.0:
     keep = pipeline.balanced_subset(train_y, config.label_fraction, spec.num_classes,
                                     config.fraction_seed)
     train_x, train_y = train_x[keep], train_y[keep]
-  logging.info('Features: train %s, test %s.', train_x.shape, test_x.shape)
-
-  results = {'encoder': description, 'pretrained_workdir': config.pretrained_workdir,
-             'model': encoder.config.model.to_dict(), 'dataset': encoder.config.dataset,
-             'label_fraction': config.label_fraction, 'num_train': int(len(train_y))}
+  logging.info('%s features: train %s, test %s.', dataset.name, train_x.shape, test_x.shape)
+  results = {'num_train': int(len(train_y))}
   for k in config.knn.k:
     scores = knn.knn_scores(train_x, train_y, test_x, spec.num_classes, k, config.knn.temperature)
     results[f'knn_k{k}'] = metrics.classification_metrics(scores, test_y, spec.num_classes)
-  record_config(config, workdir, allow_config_change)
   classify = train_probe(config, encoder, dataset, train_x, train_y, workdir, mesh)
   results['linear'] = metrics.classification_metrics(classify(test_x), test_y, spec.num_classes)
+  return results, classify
+
+
+def run(config, workdir: str, allow_config_change: bool = False) -> dict:
+  """Runs kNN + linear probe; returns (and writes) the results dict.
+
+  The dataset is the pretraining's, or ``config.dataset`` (standardised with
+  the encoder's statistics: datasets.for_encoder). The pretraining workdir is
+  only read. Only the augmented probe resumes (its head, from
+  ``workdir``/checkpoints), refused under another config than it recorded
+  unless ``allow_config_change``; the cached probe starts afresh.
+  """
+  config_validation.validate_linear(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = mesh_lib.make_mesh()
+  encoder, description = load_encoder(config, mesh)
+  dataset = datasets.for_encoder(config.get('dataset') or encoder.config.dataset, encoder.config)
+  test_split = check_splits(config, dataset)
+  record_config(config, workdir, allow_config_change)
+  scores, classify = probe_dataset(config, encoder, dataset, test_split, workdir, mesh)
+  results = {'encoder': description, 'pretrained_workdir': config.pretrained_workdir,
+             'model': encoder.config.model.to_dict(), 'dataset': dataset.name,
+             'label_fraction': config.label_fraction, **scores}
   # How the probe was trained: on cached clean features, or on augmented views.
   view = augment.view_from_config(config.probe.view)
   results['linear']['augmented'] = bool(config.probe.augment)
@@ -144,7 +164,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   # invariant to (Ramyaa (2022) reports this as "aug test" accuracy).
   aug_x, aug_y = _features(config, encoder, dataset, test_split, mesh, view)
   results['linear_aug_test'] = metrics.classification_metrics(classify(aug_x), aug_y,
-                                                              spec.num_classes)
+                                                              dataset.spec.num_classes)
   results['class_names'] = dataset.class_names
   write_results(results, workdir, encoder.config)
   return results
