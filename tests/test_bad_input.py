@@ -1,10 +1,13 @@
 """Bad input exits with status 2 and a message naming the problem, before compiling, workdir intact.
 
-The command-line cases run in subprocesses (flag parsing, start-up, a second
-process holding the lock); the rest in this process through main.run, which
-maps errors to exit statuses the same way: a resumed config that differs from
-the recorded one, another optimiser, splits, lengths, evaluation stages
-pointed at the wrong workdir or checkpoint.
+The cases whose console or process matters run as command lines in
+subprocesses (flag parsing, a damaged checkpoint or dataset whose libraries
+print their own noise, a second process holding the lock, a missing compiler);
+the rest in this process through main.run, which maps errors to exit statuses
+the same way: invalid values, a missing dataset, an unwritable workdir, a
+resumed config that differs from the recorded one, another architecture or
+optimiser, splits, lengths, evaluation stages pointed at the wrong workdir or
+checkpoint.
 
 Also the NaN stop: a diverging run exits with status 3 naming the step range,
 keeping its last good checkpoint.
@@ -90,16 +93,6 @@ def diverging_run(tmp_path_factory):
 def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path, diverging_run):
   del diverging_run  # Only started here, to overlap with these runs.
   config = tiny_config()
-  wider = tiny_config()
-  wider.model.width = 8  # Another architecture than the checkpoint's.
-  empty_data_dir = tmp_path / 'no_data'
-  empty_data_dir.mkdir()
-  no_data = tiny_config()
-  no_data.data_dir = str(empty_data_dir)
-  a_file = tmp_path / 'a_file'
-  a_file.write_text('not a directory')
-
-  good = pretraining_workdir(tmp_path / 'good', config)
   corrupt = pretraining_workdir(tmp_path / 'corrupt', config)
   _corrupt_arrays(corrupt)
   busy = tmp_path / 'busy'
@@ -113,24 +106,11 @@ def test_each_bad_input_exits_2_naming_the_problem_with_workdir_intact(tmp_path,
       ('unknown config key', tmp_path / 'w1', cli_runs.main_cmd(tmp_path / 'w1', config,
                                                                  '--config.lamda=0.1'),
        ["unknown config key 'lamda'", 'Did you mean "lambd"']),
-      ('unknown model', tmp_path / 'w2', cli_runs.main_cmd(
-          tmp_path / 'w2', config, '--config.model.encoder=resnet7'),
-       ["config.model.encoder='resnet7' is not one of"]),
-      ('invalid value', tmp_path / 'w3', cli_runs.main_cmd(
-          tmp_path / 'w3', config, '--config.fraction=1.5'),
-       ['config.fraction=1.5 must be in (0, 1]']),
-      ('dataset missing', tmp_path / 'w4', cli_runs.main_cmd(tmp_path / 'w4', no_data),
-       ["Dataset 'cifar10' is not prepared", str(empty_data_dir)]),
       ('corrupt checkpoint', corrupt, cli_runs.main_cmd(corrupt, config),
        ['CheckpointError: Checkpoint step 2', f'{corrupt}/checkpoints/2', 'damaged file: '
         f'{corrupt}/checkpoints/2/', f'mv {corrupt}/checkpoints/2 ', 'Nothing was changed']),
       ('damaged dataset', tmp_path / 'w5', cli_runs.main_cmd(tmp_path / 'w5', damaged_data),
        ['DatasetCorruptError', _train_file(damaged_data.data_dir), 'truncated', 'Delete ']),
-      # Allowed to differ from the recorded config, the checkpoint still has to fit the model.
-      ('incompatible checkpoint', good, cli_runs.main_cmd(good, wider, '--allow_config_change'),
-       ['CheckpointError', 'another architecture', "params['backbone']"]),
-      ('unwritable workdir', a_file / 'run', cli_runs.main_cmd(a_file / 'run', config),
-       ['WorkdirError', f"workdir '{a_file / 'run'}' is not writable"]),
       ('workdir in use', busy, cli_runs.main_cmd(busy, config),
        ['WorkdirError', 'is in use by another run', f'pid {holder.pid}']),
       # oneDNN asked for where it cannot be built (here: no compiler; elsewhere: no wheel).
@@ -229,11 +209,26 @@ def test_each_bad_input_in_process_exits_2_with_a_short_message_and_the_workdir_
   (supervised_run / 'config.json').write_text(tiny_supervised_config().to_json_best_effort())
   bad_eval_split = tiny_supervised_config()
   bad_eval_split.eval.test_split = 'tset'
+  empty_data_dir = tmp_path / 'no_data'
+  empty_data_dir.mkdir()
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a directory')
   new = lambda name: tmp_path / name  # A workdir that does not exist yet.
   sizes = cifar10_split_sizes()  # Real: 50000 and 10000.
 
   # (name, config, workdir, --allow_config_change, what stderr must say)
   cases = [
+      ('unknown model', _changed(**{'model.encoder': 'resnet7'}), new('w_model'), False,
+       ["config.model.encoder='resnet7' is not one of"]),
+      ('invalid value', _changed(fraction=1.5), new('w_fraction'), False,
+       ['config.fraction=1.5 must be in (0, 1]']),
+      ('dataset missing', _changed(data_dir=str(empty_data_dir)), new('w_data'), False,
+       ["Dataset 'cifar10' is not prepared", str(empty_data_dir)]),
+      ('unwritable workdir', tiny_config(), a_file / 'run', False,
+       ['WorkdirError', f"workdir '{a_file / 'run'}' is not writable"]),
+      # Allowed to differ from the recorded config, the checkpoint still has to fit the model.
+      ('resume with another architecture, change allowed', _changed(**{'model.width': 8}), good,
+       True, ['CheckpointError', 'another architecture', "params['backbone']"]),
       ('resume with another batch, lambd and lr', _changed(
           batch_size=32, lambd=0.01, **{'optimizer.lr': 0.5, 'log_every': 1}), good, False,
        ['ConfigChangedError', f'{good} holds a run (latest checkpoint: step 2)',

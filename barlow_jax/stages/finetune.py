@@ -6,7 +6,8 @@
 The dataset is the pretraining's unless ``config.dataset`` names another
 (ImageNet's semi-supervised protocol: configs/imagenet_finetune.py fine-tunes
 on ``imagenet2012_subset/1pct`` or ``/10pct``); either way its images are
-standardised with the encoder's statistics (datasets.for_encoder). The architecture comes from <pretrained_workdir>/config.json and the encoder
+standardised with the encoder's statistics (datasets.for_encoder). The
+architecture comes from <pretrained_workdir>/config.json and the encoder
 weights (params and BatchNorm statistics) from its Orbax checkpoint
 (stages/pretrain.load_pretrained); the projector is dropped and a new linear
 classifier reads the encoder's features. The whole network is then trained
