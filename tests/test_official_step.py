@@ -14,16 +14,16 @@ views through the host-crop input path ([N, 2, S, S, 3]) with every
 photometric op off, so the device only standardises them, and torch gets the
 floats the device computes (checked against torchvision's ToTensor +
 Normalize to float32 rounding: XLA rounds 3 in 4 of them 1 ulp away, which
-alone moves the loss of step 20 by a few % in float32). PyTorch runs the
-global batch in one process (its all_reduce is the identity there);
-barlow_jax runs it on 1 and on 8 devices (BatchNorm, the loss and the
-gradient across devices).
+alone moved the loss by up to 6e-2 within 20 steps, in float64). PyTorch
+runs the global batch in one process (its all_reduce is the identity there),
+once, in float64; barlow_jax runs it in float64 on 8 devices (BatchNorm, the
+loss and the gradient across devices) and in float32 on 1 device.
 
 In float64 (torch .double(), JAX with x64) the two agree to ~1e-13 after 20
-steps: every piece is the same, and what float32 shows (the loss of step 20
-off by up to 6e-2) is rounding, amplified by the dynamics (a ReLU input
+steps: every piece is the same, and what float32 shows (the loss of step 19
+off by up to 1.2e-1) is rounding, amplified by the dynamics (a ReLU input
 within rounding of 0 takes the other side of the kink; LARS, the
-normalisations of a batch of 32). So the float64 runs carry the issue's
+normalisations of a batch of 32). So the float64 run carries the issue's
 check with tolerances far below its ~1e-5 and ~1e-4; the float32 run (the
 precision users train in, and the only one oneDNN computes) is checked
 against the same float64 reference over its first steps, before the
@@ -240,7 +240,7 @@ def run_official(inputs: np.ndarray, snapshots) -> tuple[dict, np.ndarray, np.nd
     the loss and the weights' learning rate of every step).
   """
   threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-  # One thread: with two on the two loaded cores of the test machine the steps took 9x longer.
+  # One thread: with two on the two loaded cores of the test machine the steps took 9-16x longer.
   torch.set_num_threads(1)
   torch.use_deterministic_algorithms(True)
   try:
