@@ -3,7 +3,8 @@
 The embeddings are standardised over the *global* batch (as the official
 implementation's ``BatchNorm1d(affine=False)`` does under DDP: biased variance,
 eps inside the square root), and the cross-correlation matrix is always
-computed in float32, whatever the compute dtype of the network.
+computed in float32 at least (float64 embeddings stay float64), whatever the
+compute dtype of the network.
 
 Inside ``jax.shard_map`` pass ``axis_name``: every device then owns a block of
 rows of C, computed from all-gathered embeddings (N*D bytes moved instead of
@@ -30,7 +31,7 @@ class BarlowTwinsTerms(NamedTuple):
 
 def _standardize(z: jax.Array, axis_name: Optional[str], eps: float) -> jax.Array:
   """Zero mean, unit (biased) variance per feature over the global batch."""
-  z = z.astype(jnp.float32)
+  z = z.astype(jnp.promote_types(z.dtype, jnp.float32))  # float32 at least.
   mean = z.mean(axis=0)
   if axis_name is not None:
     mean = lax.pmean(mean, axis_name)

@@ -34,6 +34,7 @@ import functools
 
 import optax
 import jax
+import jax.numpy as jnp
 
 PROBE_MODULE = 'probe'
 HEAD_MODULE = 'classifier'  # models.SupervisedModel's classifier.
@@ -109,7 +110,19 @@ def learning_rate_schedule(config, base_lr: float, steps_per_epoch: int, total_s
   'cosine_restarts' (seed 000, SGDR): cosine cycles of restart_epochs, the
   first one after the warmup.
   'constant': the peak, after warmup.
+
+  The step is converted to the default float first: optax's schedules of an
+  int32 count (the optimiser's, the train state's step) compute in float32
+  even with jax_enable_x64, which rounds a float64 run's learning rates to
+  float32 (5e-7 of the rate at the first warmup step: the float64 run of
+  tests/test_official_step.py sees it). float32 runs get the same values.
   """
+  schedule = _optax_schedule(config, base_lr, steps_per_epoch, total_steps)
+  return lambda step: schedule(jnp.asarray(step, float))
+
+
+def _optax_schedule(config, base_lr: float, steps_per_epoch: int, total_steps: int):
+  """learning_rate_schedule's optax schedule (of the step count)."""
   opt = config.optimizer
   warmup = min(int(opt.warmup_epochs * steps_per_epoch), total_steps - 1)
   end = base_lr * opt.end_lr_factor

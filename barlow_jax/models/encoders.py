@@ -33,11 +33,11 @@ class BatchNorm(nn.Module):
 
   flax.linen.BatchNorm's variables (params 'scale', 'bias'; batch_stats
   'mean', 'var') and arithmetic (both moments in one all-reduce, the
-  variance as E[x^2] - E[x]^2, computed in float32), with one difference: in
-  training, the running variance averages the *unbiased* batch variance
-  (times n / (n - 1), n the values per channel over the global batch), as
-  torch.nn.BatchNorm and SyncBatchNorm do and as the official checkpoints
-  hold; Flax averages the biased one. The batch is still normalised with the
+  variance as E[x^2] - E[x]^2, computed in float32 or wider), with one
+  difference: in training, the running variance averages the *unbiased* batch
+  variance (times n / (n - 1), n the values per channel over the global
+  batch), as torch.nn.BatchNorm and SyncBatchNorm do and as the official
+  checkpoints hold; Flax averages the biased one. The batch is still normalised with the
   biased variance, as in both. tests/test_official_step.py checks the running
   statistics against PyTorch's.
   """
@@ -55,7 +55,9 @@ class BatchNorm(nn.Module):
     ra_var = self.variable('batch_stats', 'var', jnp.ones, shape, jnp.float32)
     scale = self.param('scale', self.scale_init, shape, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), shape, jnp.float32)
-    x32 = x.astype(jnp.float32)
+    # float32 at least (bfloat16 inputs are widened; float64, as in the float64
+    # run of tests/test_official_step.py, stays float64).
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
