@@ -80,25 +80,28 @@ def test_probe_folded_into_a_dense_layer_gives_the_probes_logits():
 
 
 @needs_cifar10
-def test_padded_features_count_every_example_once_on_8_devices():
+def test_padded_features_count_every_example_once_on_8_devices(small_resnet):
   config = tiny_config()
+  config.model.encoder = small_resnet  # The model and batch of the test below: one compile less.
   model = factory.create_model(config, datasets.num_classes(config))
   variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
-  split = 'test[:1003]'  # Odd size: 15 full batches of 64 and one of 43.
-  f8, y8 = features(config, model, variables, split, 64, mesh_lib.make_mesh())
-  f1, y1 = features(config, model, variables, split, 64, mesh_lib.make_mesh(jax.devices()[:1]))
-  assert f8.shape == (1003, f8.shape[1]) and len(y8) == 1003
+  split = 'test[:75]'  # Odd size: 4 full batches of 16 and one of 11, not a multiple of 8.
+  f8, y8 = features(config, model, variables, split, 16, mesh_lib.make_mesh())
+  f1, y1 = features(config, model, variables, split, 16, mesh_lib.make_mesh(jax.devices()[:1]))
+  assert f8.shape == (75, f8.shape[1]) and len(y8) == 75
   np.testing.assert_array_equal(y8, y1)
   np.testing.assert_allclose(f8, f1, rtol=1e-5, atol=1e-6)
 
 
 @needs_cifar10
-def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
+def test_restore_with_another_architecture_names_the_mismatch(tmp_path, small_resnet):
   config = tiny_config()
+  config.model.encoder = small_resnet
   pretraining_workdir(tmp_path, config, step=1)
   encoder = pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh())
   assert encoder.step == 1 and 'backbone' in encoder.variables['params']
   other = tiny_config()
+  other.model.encoder = small_resnet
   other.model.width = 8
   (tmp_path / 'config.json').write_text(other.to_json_best_effort())
   with pytest.raises(errors.CheckpointError,

@@ -6,9 +6,9 @@ is a tiny GeneratorBasedBuilder defined here. Nothing is downloaded.
 """
 
 import json
+import logging
 import os
 import re
-import sys
 
 import jax
 import numpy as np
@@ -26,7 +26,6 @@ from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
 from barlow_jax.data import augment
 from barlow_jax.stages import linear
-import cli_runs
 from conftest import pretraining_workdir, snapshot, tiny_config
 
 CLASSES = ('cat', 'dog')
@@ -273,16 +272,18 @@ class FakeFlowers(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': image, 'label': i % 3}
 
 
-def test_a_tfds_dataset_outside_the_table_streams_and_probes(tmp_path):
+def test_a_tfds_dataset_outside_the_table_streams_and_probes(tmp_path, small_resnet):
   """Its spec from the builder's info, its statistics recorded, its class names in results.md.
 
   The training stream is checked batch by batch; the train step itself is the
   one of every fixed-size dataset (its spec's mean/std in, tests/test_train_step.py).
-  The probed encoder is an untrained pretraining workdir (conftest.pretraining_workdir).
+  The probed encoder is an untrained pretraining workdir (conftest.pretraining_workdir)
+  of a small encoder.
   """
   data_dir = str(tmp_path / 'tfds')
   FakeFlowers(data_dir=data_dir).download_and_prepare()
   config = tiny_config()
+  config.model.encoder = small_resnet
   config.dataset, config.data_dir, config.train_split = 'fake_flowers', data_dir, 'train'
   config.augment.crop_size = 16
   config_validation.validate_pretrain(config)
@@ -325,26 +326,30 @@ def test_the_probe_standardises_with_the_statistics_pretraining_recorded(folder,
   assert datasets.num_classes(config) == 2
 
 
-def test_folder_pretrain_then_probe_through_the_cli(tmp_path):
-  """The two commands of docs/data.md, on a folder: pretraining, then the probe by class name."""
+def test_folder_pretrain_then_probe_by_class_name(tmp_path, small_resnet, caplog):
+  """The two commands of docs/data.md, on a folder: pretraining, then the probe by class name.
+
+  In this process through main.run, as the CLI runs them (its flag parsing is
+  tested in tests/test_cli.py), with a small encoder: what is checked is the
+  folder's path through both stages, not the encoder.
+  """
   root = tmp_path / 'images'
   write_folder(str(root))
   config = tiny_config()
   config.dataset, config.data_dir = f'folder:{root}', str(tmp_path / 'd')
   config.train_split = 'train'
+  config.model.encoder = small_resnet
   config.num_steps = 2
-  env = cli_runs.env(devices=1)
-  done = cli_runs.run(cli_runs.main_cmd(tmp_path / 'bt', config), env, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert '1 undecodable file(s) skipped: train/dog/broken.jpg' in done.stderr
+  caplog.set_level(logging.WARNING)
+  main.run(config, str(tmp_path / 'bt'))
+  assert '1 undecodable file(s) skipped: train/dog/broken.jpg' in caplog.text
   recorded = json.loads((tmp_path / 'bt' / 'config.json').read_text())
   assert recorded['data_stats']['num_classes'] == 2
-  probe = [sys.executable, '-m', 'barlow_jax.main', '--config=configs/cifar_linear.py',
-           f'--workdir={tmp_path / "probe"}', f'--config.pretrained_workdir={tmp_path / "bt"}',
-           '--config.batch_size=8', '--config.probe.batch_size=8', '--config.probe.epochs=2',
-           '--config.knn.k=(5,)']
-  done = cli_runs.run(probe, env, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
+  assert recorded['model']['encoder'] == small_resnet
+  probe = config_files.load('cifar_linear')
+  probe.pretrained_workdir = str(tmp_path / 'bt')
+  probe.batch_size, probe.probe.batch_size, probe.probe.epochs, probe.knn.k = 8, 8, 2, (5,)
+  main.run(probe, str(tmp_path / 'probe'))
   results = json.loads((tmp_path / 'probe' / 'results.json').read_text())
   assert results['class_names'] == list(CLASSES)
   assert results['linear']['num_examples'] == 2 * TEST_PER_CLASS
