@@ -12,8 +12,8 @@ from barlow_jax.evaluators import knn
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import metrics
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.stages import pretrain
 from conftest import features, needs_cifar10, pretraining_workdir, tiny_config
 
 
@@ -96,7 +96,7 @@ def test_padded_features_count_every_example_once_on_8_devices():
 def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
   config = tiny_config()
   pretraining_workdir(tmp_path, config, step=1)
-  encoder = pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh())
+  encoder = pretrained.load(str(tmp_path), mesh_lib.make_mesh())
   assert encoder.step == 1 and 'backbone' in encoder.variables['params']
   other = tiny_config()
   other.model.width = 8
@@ -104,7 +104,7 @@ def test_restore_with_another_architecture_names_the_mismatch(tmp_path):
   with pytest.raises(errors.CheckpointError,
                      match=r"differing arrays(.|\n)*params\['backbone'\]\['BasicBlock_0'\]"
                            r"\['BatchNorm_0'\]\['bias'\]: checkpoint \(4,\) vs config \(8,\)"):
-    pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh())
+    pretrained.load(str(tmp_path), mesh_lib.make_mesh())
   assert not (tmp_path / 'checkpoints' / '1.orbax-checkpoint-tmp').exists()
 
 

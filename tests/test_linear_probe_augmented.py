@@ -23,9 +23,9 @@ from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import linear
-from barlow_jax.stages import pretrain
 from conftest import (DATA_DIR, config_module, features, needs_cifar10, pretraining_workdir,
                       snapshot, tiny_config)
 
@@ -198,7 +198,7 @@ def test_random_init_baseline_has_the_recorded_architecture_and_fresh_weights(tm
   config.data_dir = '/elsewhere/tfds'  # An override of the recorded data dir is applied.
   mesh = mesh_lib.make_mesh()
   random, description = linear.load_encoder(config, mesh)
-  trained = pretrain.load_pretrained(str(tmp_path / 'bt'), mesh)
+  trained = pretrained.load(str(tmp_path / 'bt'), mesh)
   assert description == 'random init (same architecture)' and random.step == 0
   assert random.config.data_dir == '/elsewhere/tfds'
   assert trained.config.data_dir == DATA_DIR  # The recorded one, without overrides.

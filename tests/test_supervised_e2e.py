@@ -14,10 +14,10 @@ from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import predict
 from barlow_jax.stages import finetune
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.stages import supervised
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.stages import pretrain
 from conftest import (config_module, DATA_DIR, assert_png_not_blank, needs_cifar10, pretraining_workdir,
                       snapshot, tiny_config, tiny_supervised_config)
 
@@ -80,7 +80,7 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
 
   # Three steps at the backbone's small lr leave it next to the pretrained
   # encoder, far from a fresh initialisation of the same architecture.
-  pretrained = pretrain.load_pretrained(str(tmp_path / 'bt'), mesh_lib.make_mesh()).variables
+  encoder = pretrained.load(str(tmp_path / 'bt'), mesh_lib.make_mesh()).variables
   manager = checkpoint.manager(str(tmp_path / 'ft'), config.checkpoint.max_to_keep)
   tuned = manager.restore(3, args=ocp.args.StandardRestore())['params']['backbone']
   fresh_config = tiny_config()
@@ -88,7 +88,7 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   fresh = factory.create_model(fresh_config, datasets.num_classes(fresh_config)).init(
       jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)['params']['backbone']
   distance = lambda a, b: float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
-  to_pretrained = distance(tuned, jax.device_get(pretrained['params']['backbone']))
+  to_pretrained = distance(tuned, jax.device_get(encoder['params']['backbone']))
   assert to_pretrained < 0.01 * distance(tuned, fresh), to_pretrained
 
 
@@ -102,7 +102,7 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
   config.train_split, config.label_fraction, config.eval.batch_size = 'train[:1000]', 0.1, 64
   config.probe.epochs, config.head_init = 5, 'linear_probe'
   mesh = mesh_lib.make_mesh()
-  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh)
+  encoder = pretrained.load(config.pretrained_workdir, mesh)
   init = finetune.initial_variables(config, encoder, datasets.from_config(encoder.config), mesh)
 
   # Reference: the linear probe fitted on the same labelled images' features.

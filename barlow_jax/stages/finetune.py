@@ -5,7 +5,7 @@
 
 The architecture comes from <pretrained_workdir>/config.json and the encoder
 weights (params and BatchNorm statistics) from its Orbax checkpoint
-(stages/pretrain.load_pretrained); the projector is dropped and a new linear
+(models/pretrained.load); the projector is dropped and a new linear
 classifier reads the encoder's features. The whole network is then trained
 by the supervised stage with one branch, the classifier at its own learning
 rate (``optimizer.head_lr``), on a class-balanced ``label_fraction`` of the
@@ -22,8 +22,8 @@ from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import predict
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.stages import pretrain
 from barlow_jax.stages import supervised
 
 
@@ -58,7 +58,7 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   return result
 
 
-def probe_classifier(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+def probe_classifier(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset,
                      mesh) -> dict:
   """The classifier's first weights: a linear probe on the labelled fraction (LP-FT).
 
@@ -93,7 +93,7 @@ def probe_classifier(config, encoder: pretrain.Pretrained, dataset: datasets.Dat
   return linear_probe.as_dense(*fitted)
 
 
-def initial_variables(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+def initial_variables(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset,
                       mesh) -> dict:
   """The pretrained encoder and, with head_init 'linear_probe', the probe's classifier."""
   params = {'backbone': encoder.variables['params']['backbone']}
@@ -113,8 +113,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   """
   config_validation.validate_finetune(config)
   mesh = mesh_lib.make_mesh()
-  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
-                                     {'data_dir': config.data_dir, 'download': config.download})
+  encoder = pretrained.load(config.pretrained_workdir, mesh, config.checkpoint_step,
+                            {'data_dir': config.data_dir, 'download': config.download})
   source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
   dataset = datasets.from_config(encoder.config)  # With the statistics pretraining recorded.

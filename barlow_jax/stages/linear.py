@@ -29,31 +29,30 @@ from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import metrics
 from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
-from barlow_jax.stages import pretrain
 
 # results.md lists the per-class accuracy of datasets with at most this many classes.
 PER_CLASS_MAX = 20
 
 
-def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
+def load_encoder(config, mesh) -> tuple[pretrained.Pretrained, str]:
   """The encoder to probe and how it was obtained (trained, or the random-init baseline)."""
   overrides = {'data_dir': config.data_dir, 'download': config.download}
   if not config.random_init:
-    encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
-                                       overrides)
+    encoder = pretrained.load(config.pretrained_workdir, mesh, config.checkpoint_step, overrides)
     return encoder, f'pretrained, step {encoder.step}'
-  pretrained_config = pretrain.read_pretrained_config(config.pretrained_workdir, overrides)
+  pretrained_config = pretrained.read_config(config.pretrained_workdir, overrides)
   model = factory.create_model(pretrained_config, datasets.num_classes(pretrained_config))
   size = pretrained_config.augment.crop_size
   variables = model.init(jax.random.PRNGKey(config.seed),
                          np.zeros((2, size, size, 3), np.float32), train=False)
-  return (pretrain.Pretrained(pretrained_config, model, variables, 0),
+  return (pretrained.Pretrained(pretrained_config, model, variables, 0),
           'random init (same architecture)')
 
 
-def train_probe(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset, train_x,
+def train_probe(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset, train_x,
                 train_y, workdir: str, mesh):
   """The trained probe's ``predict``: on cached features, or on the fly with augmentation.
 
@@ -77,8 +76,8 @@ def train_probe(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
       mean, std, workdir, mesh=mesh, **hparams)
 
 
-def _features(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset, split: str, mesh,
-              view=None):
+def _features(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset, split: str,
+              mesh, view=None):
   fn = predict.make_predict_fn(encoder.config, encoder.model, view, outputs=('features',),
                                spec=dataset.spec)
   out = predict.predict_split(dataset, fn, encoder.variables, split, config.batch_size,

@@ -13,12 +13,11 @@ trainer's (trainer.py).
 
 import functools
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from etils import epath
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from barlow_jax import config_validation
@@ -30,10 +29,8 @@ from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import knn_monitor
 from barlow_jax.models import factory
-from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import distributed
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.runtime.mesh import DATA_AXIS
 from barlow_jax.runtime.state import TrainState
 
@@ -105,7 +102,7 @@ def make_two_view_fn(config, dataset: datasets.Dataset, num_images: int = 256):
   """``fn(variables, step) -> TwoViews`` on the first ``num_images`` test images.
 
   ``variables`` is {'params', 'batch_stats'} (of a TrainState or
-  load_pretrained), replicated over a mesh; ``step`` only labels the result.
+  models/pretrained.load), replicated over a mesh; ``step`` only labels the result.
   The images are ``dataset``'s (datasets.resolve), of its test split.
 
   The images and the augmentation keys are fixed, so the views are the same
@@ -183,50 +180,3 @@ def write_cross_correlation_png(sample: TwoViews, path: str, max_dim: int = 128)
   first = f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''
   plots.cross_correlation_png(c[:max_dim, :max_dim], path,
                               f'C of {len(sample.view1)} test images, step {sample.step}{first}')
-
-
-class Pretrained(NamedTuple):
-  """A pretraining run's encoder, read back from its workdir."""
-  config: ml_collections.ConfigDict  # The run's recorded config.
-  model: factory.BarlowTwinsModel  # Without axis_name: for inference.
-  variables: dict  # {'params', 'batch_stats'}, replicated over the mesh.
-  step: int
-
-
-def read_pretrained_config(workdir: str, data_overrides: Optional[dict] = None):
-  """The config a pretraining run recorded, with the non-None ``data_overrides`` applied.
-
-  Raises:
-    WorkdirError: no config.json, or the workdir of another mode.
-  """
-  config = workdir_lib.read_config(workdir, 'pretraining', mode='pretrain',
-                                   key='pretrained_workdir')
-  for key, value in (data_overrides or {}).items():
-    if value is not None:  # The data may live elsewhere now.
-      config[key] = value
-  return config
-
-
-def load_pretrained(workdir: str, mesh, step: Optional[int] = None,
-                    data_overrides: Optional[dict] = None) -> Pretrained:
-  """The model and weights of the pretraining run in ``workdir`` (opened read-only).
-
-  Args:
-    workdir: a pretraining workdir (config.json + checkpoints/).
-    mesh: where to place the variables.
-    step: the checkpoint step; None for the latest.
-    data_overrides: {'data_dir': ..., 'download': ...} values that are not
-      None replace the recorded ones (the data may live elsewhere now).
-
-  Raises:
-    WorkdirError: no config.json, or the workdir of another mode (a supervised
-      run, a probe, ...).
-    CheckpointError: no such checkpoint, unreadable, or not this architecture.
-  """
-  config = read_pretrained_config(workdir, data_overrides)
-  model = factory.create_model(config, datasets.num_classes(config))
-  size = config.augment.crop_size
-  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((2, size, size, 3)), train=False))
-  variables, step = checkpoint.restore_variables(workdir, expected, mesh, step)
-  return Pretrained(config, model, variables, step)
