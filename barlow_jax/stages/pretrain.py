@@ -28,6 +28,7 @@ from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import knn_monitor
+from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
 from barlow_jax.runtime import distributed
 from barlow_jax.runtime import mesh as mesh_lib
@@ -106,37 +107,32 @@ def make_two_view_fn(config, dataset: datasets.Dataset, num_images: int = 256):
   The images are ``dataset``'s (datasets.resolve), of its test split.
 
   The images and the augmentation keys are fixed, so the views are the same
-  at every call and C changes only with the weights. BatchNorm runs in
-  inference mode, on this process's first device (compiled once, here).
+  at every call and C changes only with the weights. Each view is the
+  evaluators' ``predict`` (BatchNorm in inference mode) on this process's
+  first device, compiled once, here.
   """
   spec = dataset.spec
   batch = next(pipeline.eval_batches(dataset.builder, spec, spec.test_split, num_images))
   images = batch['image'][batch['mask']]
   model = factory.create_model(config, spec.num_classes)
-  aug = config.augment
-  views = [augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)]
+  views = [augment.view_from_config(config.augment.view1),
+           augment.view_from_config(config.augment.view2)]
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
-  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-
-  @jax.jit  # Both views and C in one program: one compile.
-  def correlate(variables, images):
-    inputs = [augment.model_inputs(images, key, view, aug.crop_size, mean, std,
-                                   jnp.dtype(config.model.dtype)) for key, view in zip(keys, views)]
-    z1, z2 = (model.apply(variables, x, train=False)['embeddings'] for x in inputs)
-    shown = [jnp.clip(x.astype(jnp.float32) * std + mean, 0.0, 1.0) for x in inputs]
-    return losses.cross_correlation(z1, z2), shown[0], shown[1]
-
-  # Compiled here, once: callers may wait for it (make_image_hook).
-  size = aug.crop_size
+  size = config.augment.crop_size
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((2, size, size, 3)), train=False))
   abstract = {k: abstract[k] for k in ('params', 'batch_stats')}
-  compiled = correlate.lower(abstract, images).compile()
+  # Compiled here, once: callers may wait for it (make_image_hook).
+  compiled = [predict.make_predict_fn(config, model, view, ('embeddings', predict.INPUTS),
+                                      spec=spec).lower(abstract, images, key).compile()
+              for view, key in zip(views, keys)]
 
   def two_views(variables: dict, step: int) -> TwoViews:
     local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
     variables = {k: jax.tree.map(local, variables[k]) for k in ('params', 'batch_stats')}
-    c, view1, view2 = jax.device_get(compiled(variables, images))
+    out1, out2 = (fn(variables, images, key) for fn, key in zip(compiled, keys))
+    c = losses.cross_correlation(out1['embeddings'], out2['embeddings'])
+    c, view1, view2 = jax.device_get((c, out1[predict.INPUTS], out2[predict.INPUTS]))
     return TwoViews(np.asarray(c), np.asarray(view1), np.asarray(view2), step)
 
   return two_views
