@@ -48,6 +48,7 @@ from barlow_jax.data import datasets
 from barlow_jax.models import encoders
 from barlow_jax.models import factory
 from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.runtime import workdir as workdir_lib
 
 BASE_CONFIG = 'imagenet_bt'
@@ -235,9 +236,8 @@ def convert_variables(state: dict, expected: dict, encoder: str = ENCODER) -> di
 def expected_variables(config) -> dict:
   """Shapes of {'params', 'batch_stats'} of the model ``config`` describes (nothing computed)."""
   model = factory.create_model(config, datasets.num_classes(config))
-  size = config.augment.crop_size
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)),
-                                           train=False))
+  return jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
+                                                         jax.random.PRNGKey(0)))
 
 
 def _check_workdir(workdir: str) -> None:

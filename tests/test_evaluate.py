@@ -14,6 +14,7 @@ from barlow_jax.evaluators import metrics
 from barlow_jax.models import factory
 from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
 from conftest import features, needs_cifar10, pretraining_workdir, tiny_config
 
 
@@ -83,7 +84,7 @@ def test_probe_folded_into_a_dense_layer_gives_the_probes_logits():
 def test_padded_features_count_every_example_once_on_8_devices():
   config = tiny_config()
   model = factory.create_model(config, datasets.num_classes(config))
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  variables = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   split = 'test[:1003]'  # Odd size: 15 full batches of 64 and one of 43.
   f8, y8 = features(config, model, variables, split, 64, mesh_lib.make_mesh())
   f1, y1 = features(config, model, variables, split, 64, mesh_lib.make_mesh(jax.devices()[:1]))
@@ -113,7 +114,7 @@ def test_augmented_features_identity_view_and_device_count(small_resnet):
   config = tiny_config()
   config.model.encoder = small_resnet
   model = factory.create_model(config, datasets.num_classes(config))
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  variables = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   split, eight, one = 'test[:40]', mesh_lib.make_mesh(), mesh_lib.make_mesh(jax.devices()[:1])
   clean, y = features(config, model, variables, split, 16, eight)
   off = augment.ViewAugment(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0)

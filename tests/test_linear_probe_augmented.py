@@ -26,6 +26,7 @@ from barlow_jax.models import factory
 from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import linear
+from barlow_jax.runtime import state as state_lib
 from conftest import (DATA_DIR, config_module, features, needs_cifar10, pretraining_workdir,
                       snapshot, tiny_config)
 
@@ -66,8 +67,7 @@ def encoder(small_resnet):
   config.model.encoder = small_resnet
   config.train_split = SPLIT
   model = factory.create_model(config, datasets.num_classes(config))
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32),
-                         train=False)
+  variables = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   x, y = features(config, model, variables, SPLIT, 32, mesh_lib.make_mesh())
   return config, model, variables, pipeline.load_train_data(
       datasets.from_config(config), config.train_split, config.fraction, config.fraction_seed), x, y

@@ -18,6 +18,7 @@ from barlow_jax.models import pretrained
 from barlow_jax.stages import supervised
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
 from conftest import (config_module, DATA_DIR, assert_png_not_blank, needs_cifar10, pretraining_workdir,
                       snapshot, tiny_config, tiny_supervised_config)
 
@@ -85,8 +86,9 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
   tuned = manager.restore(3, args=ocp.args.StandardRestore())['params']['backbone']
   fresh_config = tiny_config()
   fresh_config.model.encoder = small_resnet
-  fresh = factory.create_model(fresh_config, datasets.num_classes(fresh_config)).init(
-      jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)['params']['backbone']
+  fresh_model = factory.create_model(fresh_config, datasets.num_classes(fresh_config))
+  fresh = state_lib.init_variables(fresh_model, 32,
+                                   jax.random.PRNGKey(0))['params']['backbone']
   distance = lambda a, b: float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
   to_pretrained = distance(tuned, jax.device_get(encoder['params']['backbone']))
   assert to_pretrained < 0.01 * distance(tuned, fresh), to_pretrained
@@ -120,7 +122,7 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
   np.testing.assert_allclose(logits, probe(feats['features'][keep]), rtol=1e-3, atol=1e-3)
   # The initial modules are the fine-tuning model's own, with its shapes.
   model = factory.create_supervised_model(finetune.supervised_config(config, encoder.config), 10)
-  fresh = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  fresh = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   assert set(init['params']) == {'backbone', 'classifier'}
   for name in init['params']:
     assert (jax.tree.map(np.shape, jax.device_get(init['params'][name]))

@@ -11,12 +11,12 @@ read.
 from typing import NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from barlow_jax.data import datasets
 from barlow_jax.models import factory
 from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.runtime import workdir as workdir_lib
 
 
@@ -60,8 +60,7 @@ def load(workdir: str, mesh, step: Optional[int] = None,
   """
   config = read_config(workdir, data_overrides)
   model = factory.create_model(config, datasets.num_classes(config))
-  size = config.augment.crop_size
-  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((2, size, size, 3)), train=False))
+  expected = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
+                                                            jax.random.PRNGKey(0)))
   variables, step = checkpoint.restore_variables(workdir, expected, mesh, step)
   return Pretrained(config, model, variables, step)

@@ -17,7 +17,6 @@ import os
 from absl import logging
 from etils import epath
 import jax
-import numpy as np
 
 from barlow_jax import config_validation
 from barlow_jax import plots
@@ -31,6 +30,7 @@ from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
 from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.runtime import workdir as workdir_lib
 
 # results.md lists the per-class accuracy of datasets with at most this many classes.
@@ -45,9 +45,8 @@ def load_encoder(config, mesh) -> tuple[pretrained.Pretrained, str]:
     return encoder, f'pretrained, step {encoder.step}'
   pretrained_config = pretrained.read_config(config.pretrained_workdir, overrides)
   model = factory.create_model(pretrained_config, datasets.num_classes(pretrained_config))
-  size = pretrained_config.augment.crop_size
-  variables = model.init(jax.random.PRNGKey(config.seed),
-                         np.zeros((2, size, size, 3), np.float32), train=False)
+  variables = state_lib.init_variables(model, pretrained_config.augment.crop_size,
+                                       jax.random.PRNGKey(config.seed))
   return (pretrained.Pretrained(pretrained_config, model, variables, 0),
           'random init (same architecture)')
 

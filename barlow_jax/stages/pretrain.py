@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from barlow_jax import config_validation
@@ -32,6 +31,7 @@ from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
 from barlow_jax.runtime import distributed
 from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.runtime.mesh import DATA_AXIS
 from barlow_jax.runtime.state import TrainState
 
@@ -118,9 +118,8 @@ def make_two_view_fn(config, dataset: datasets.Dataset, num_images: int = 256):
   views = [augment.view_from_config(config.augment.view1),
            augment.view_from_config(config.augment.view2)]
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
-  size = config.augment.crop_size
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((2, size, size, 3)), train=False))
+  abstract = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
+                                                            jax.random.PRNGKey(0)))
   abstract = {k: abstract[k] for k in ('params', 'batch_stats')}
   # Compiled here, once: callers may wait for it (make_image_hook).
   compiled = [predict.make_predict_fn(config, model, view, ('embeddings', predict.INPUTS),
