@@ -62,8 +62,9 @@ def test_linear_probe_learns_a_separable_problem():
   centers = rng.normal(size=(4, 8)) * 3
   y = rng.integers(0, 4, 800)
   x = (centers[y] + rng.normal(size=(800, 8))).astype(np.float32)
-  classify = linear_probe.train_linear_probe(x[:600], y[:600], 4, epochs=20, batch_size=64, lr=0.1,
-                                        weight_decay=0.0)
+  classify = linear_probe.train_linear_probe(
+      x[:600], y[:600], 4, linear_probe.ProbeHParams(epochs=20, batch_size=64, lr=0.1,
+                                                     weight_decay=0.0))
   assert (classify(x[600:]).argmax(1) == y[600:]).mean() > 0.95
 
 
@@ -71,8 +72,8 @@ def test_probe_folded_into_a_dense_layer_gives_the_probes_logits():
   rng = np.random.default_rng(3)
   x = (rng.normal(size=(300, 6)) * rng.uniform(0.1, 5, 6) + rng.normal(size=6) * 4).astype(np.float32)
   y = rng.integers(0, 3, 300)
-  params, mean, std = linear_probe.fit_linear_probe(x, y, 3, epochs=5, batch_size=50, lr=0.1,
-                                                    weight_decay=0.0)
+  params, mean, std = linear_probe.fit_linear_probe(
+      x, y, 3, linear_probe.ProbeHParams(epochs=5, batch_size=50, lr=0.1, weight_decay=0.0))
   dense = linear_probe.as_dense(params, mean, std)
   # Independent reference: standardise, then the probe's own weights (float64).
   expected = ((x - mean) / std) @ np.asarray(params['w'], np.float64) + np.asarray(params['b'])

@@ -114,8 +114,9 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
       encoder.variables, 'train[:1000]', 64, mesh)
   keep = pipeline.balanced_subset(feats['label'], 0.1, 10, config.fraction_seed)
   probe = linear_probe.train_linear_probe(
-      feats['features'][keep], feats['label'][keep], 10, epochs=5, batch_size=256,
-      lr=config.probe.lr, weight_decay=config.probe.weight_decay, seed=config.seed,
+      feats['features'][keep], feats['label'][keep], 10,
+      linear_probe.ProbeHParams(epochs=5, batch_size=256, lr=config.probe.lr,
+                                weight_decay=config.probe.weight_decay, seed=config.seed),
       per_feature=False)
   head = jax.device_get(init['params']['classifier'])
   logits = feats['features'][keep] @ head['kernel'] + head['bias']

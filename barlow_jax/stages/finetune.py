@@ -84,11 +84,9 @@ def probe_classifier(config, encoder: pretrained.Pretrained, dataset: datasets.D
   if config.label_fraction < 1.0:
     keep = pipeline.balanced_subset(out['label'], config.label_fraction, num_classes,
                                     config.fraction_seed)
-  p = config.probe
   fitted = linear_probe.fit_linear_probe(
-      out['features'][keep], out['label'][keep], num_classes, epochs=p.epochs,
-      batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
-      seed=config.seed, per_feature=False)
+      out['features'][keep], out['label'][keep], num_classes,
+      linear_probe.ProbeHParams.of(config.probe, config.seed), per_feature=False)
   logging.info('Classifier initialised by a linear probe on %d labelled images.', len(keep))
   return linear_probe.as_dense(*fitted)
 

@@ -59,20 +59,17 @@ def train_probe(config, encoder: pretrained.Pretrained, dataset: datasets.Datase
   (load_train_data keeps the same class-balanced subset, same labels,
   fraction and seed, as the cached features).
   """
-  p = config.probe
-  hparams = dict(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                 momentum=p.momentum, seed=config.seed)
-  if not p.augment:
-    return linear_probe.train_linear_probe(train_x, train_y, dataset.spec.num_classes, **hparams)
+  hparams = linear_probe.ProbeHParams.of(config.probe, config.seed)
+  if not config.probe.augment:
+    return linear_probe.train_linear_probe(train_x, train_y, dataset.spec.num_classes, hparams)
   data = pipeline.load_train_data(dataset, config.train_split, config.label_fraction,
                                   config.fraction_seed)
   if data.num_global != len(train_y):  # Two selections of the same subset must agree.
     raise RuntimeError(f'The augmented probe sees {data.num_global} training examples, the '
                        f'cached features {len(train_y)}.')
-  mean, std = linear_probe.feature_standardizer(train_x)
   return linear_probe.train_augmented_probe(
-      encoder.config, encoder.model, encoder.variables, data, augment.view_from_config(p.view),
-      mean, std, workdir, mesh=mesh, **hparams)
+      encoder, data, augment.view_from_config(config.probe.view),
+      linear_probe.feature_standardizer(train_x), workdir, hparams, mesh)
 
 
 def _features(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset, split: str,

@@ -81,8 +81,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
   # exits before anything is compiled), then once.
   two_views = functools.cache(lambda: make_two_view_fn(config, dataset))
   hooks.append(make_image_hook(two_views, config.checkpoint.every_steps, length.total_steps))
-  state = trainer.fit(config, workdir, model, make_loss_fn(model, config.lambd), data, mesh,
-                      num_views=2, console_keys=CONSOLE_KEYS, hooks=[h for h in hooks if h],
+  task = trainer.Task(model, make_loss_fn(model, config.lambd), 2, CONSOLE_KEYS)
+  state = trainer.fit(config, workdir, task, data, mesh, hooks=[h for h in hooks if h],
                       allow_config_change=allow_config_change)
   if jax.process_index() == 0:
     final = two_views()({'params': state.params, 'batch_stats': state.batch_stats},
