@@ -121,16 +121,18 @@ def make_two_view_fn(config, dataset: datasets.Dataset, num_images: int = 256):
   abstract = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
                                                             jax.random.PRNGKey(0)))
   abstract = {k: abstract[k] for k in ('params', 'batch_stats')}
+  fns = [predict.make_predict_fn(config, model, view, ('embeddings', predict.INPUTS), spec=spec)
+         for view in views]
   # Compiled here, once: callers may wait for it (make_image_hook).
-  compiled = [predict.make_predict_fn(config, model, view, ('embeddings', predict.INPUTS),
-                                      spec=spec).lower(abstract, images, key).compile()
-              for view, key in zip(views, keys)]
+  compiled = [fn.lower(abstract, images, key).compile() for fn, key in zip(fns, keys)]
+  z = jax.eval_shape(fns[0], abstract, images, keys[0])['embeddings']
+  correlate = jax.jit(losses.cross_correlation).lower(z, z).compile()
 
   def two_views(variables: dict, step: int) -> TwoViews:
     local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
     variables = {k: jax.tree.map(local, variables[k]) for k in ('params', 'batch_stats')}
     out1, out2 = (fn(variables, images, key) for fn, key in zip(compiled, keys))
-    c = losses.cross_correlation(out1['embeddings'], out2['embeddings'])
+    c = correlate(out1['embeddings'], out2['embeddings'])
     c, view1, view2 = jax.device_get((c, out1[predict.INPUTS], out2[predict.INPUTS]))
     return TwoViews(np.asarray(c), np.asarray(view1), np.asarray(view2), step)
 
