@@ -6,7 +6,7 @@ r"""The official Barlow Twins ResNet-50 (PyTorch) as a barlow_jax pretraining wo
 
 The workdir is what a pretraining run leaves (config.json + an Orbax
 checkpoint of {'params', 'batch_stats'}), so the linear probe, kNN and
-fine-tuning read it unchanged (stages/pretrain.load_pretrained). Its config is
+fine-tuning read it unchanged (models/pretrained.load). Its config is
 configs/imagenet_bt.py's (ImageNet-stem ResNet-50) in float32, on
 ``--dataset``, which is the data the probe and fine-tuning stages will use.
 
@@ -17,7 +17,7 @@ full training ``checkpoint.pth`` (``{'model': {'module.backbone.*',
 'module.projector.*', 'module.bn.*'}, ...}``), whose projector is converted
 too (``bn`` is the loss's affine-free normalisation: nothing to convert).
 
-load_pretrained builds the whole BarlowTwinsModel (encoder, projector, online
+models/pretrained.load builds the whole BarlowTwinsModel (encoder, projector, online
 probe) and restore_variables checks every array both ways, so the checkpoint
 must hold a projector and a probe: a backbone-only file gets a 1-unit
 projector and a probe, all zeros, and config.json records
@@ -48,6 +48,7 @@ from barlow_jax.data import datasets
 from barlow_jax.models import encoders
 from barlow_jax.models import factory
 from barlow_jax.runtime import checkpoint
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.runtime import workdir as workdir_lib
 
 BASE_CONFIG = 'imagenet_bt'
@@ -235,9 +236,8 @@ def convert_variables(state: dict, expected: dict, encoder: str = ENCODER) -> di
 def expected_variables(config) -> dict:
   """Shapes of {'params', 'batch_stats'} of the model ``config`` describes (nothing computed)."""
   model = factory.create_model(config, datasets.num_classes(config))
-  size = config.augment.crop_size
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, size, size, 3)),
-                                           train=False))
+  return jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
+                                                         jax.random.PRNGKey(0)))
 
 
 def _check_workdir(workdir: str) -> None:

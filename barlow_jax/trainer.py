@@ -23,10 +23,9 @@ against 1; tests/test_communication.py counts the floats the compiled step
 all-reduces (at most 1.1x the parameters).
 """
 
-import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from absl import logging
 import jax
@@ -40,7 +39,6 @@ from barlow_jax.data import datasets
 from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
 from barlow_jax.runtime import checkpoint
-from barlow_jax.runtime import distributed
 from barlow_jax.runtime import loop
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import workdir as workdir_lib
@@ -181,10 +179,18 @@ def _restore_or_init(config, workdir: str, model, tx: optax.GradientTransformati
   return mngr, state
 
 
-def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, mesh: Mesh, *,
-        num_views: int, console_keys: Sequence[str], hooks: Sequence[loop.Hook] = (),
-        init_variables: Optional[dict] = None, allow_config_change: bool = False) -> TrainState:
-  """Trains ``model`` on ``data`` into ``workdir``, resuming from its latest checkpoint.
+class Task(NamedTuple):
+  """What a stage brings to fit: its model and loss, how many views a step takes, what to show."""
+  model: Any  # The Flax model, built with ``axis_name=DATA_AXIS``.
+  loss_fn: LossFn
+  num_views: int  # Views per example and step.
+  console_keys: Sequence[str]  # Metrics on the progress line.
+
+
+def fit(config, workdir: str, task: Task, data: pipeline.TrainData, mesh: Mesh, *,
+        hooks: Sequence[loop.Hook] = (), init_variables: Optional[dict] = None,
+        allow_config_change: bool = False) -> TrainState:
+  """Trains ``task.model`` on ``data`` into ``workdir``, resuming from its latest checkpoint.
 
   A resumed run must have the config it recorded (workdir.check_resume);
   ``workdir``/config.json and the TensorBoard scalars are written only once
@@ -194,12 +200,9 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
     config: the stage's config (batch_size, seed, optimizer, augment,
       num_epochs / num_steps, log_every, checkpoint, cache_dataset).
     workdir: checkpoints go to ``workdir``/checkpoints.
-    model: the Flax model, built with ``axis_name=DATA_AXIS``.
-    loss_fn: the stage's loss.
+    task: the stage's model, loss, views per step and console metrics.
     data: the training examples of this process.
     mesh: the data mesh.
-    num_views: views per example and step.
-    console_keys: metrics on the progress line.
     hooks: called after every step (loop.run_steps).
     init_variables: {'params', 'batch_stats'} whose 'backbone' initialises the
       encoder of a fresh run; a resumed run keeps its own weights.
@@ -212,32 +215,23 @@ def fit(config, workdir: str, model, loss_fn: LossFn, data: pipeline.TrainData, 
   pipeline.check_batch_fits(data, config.batch_size)
   length = Length.of(config, data.num_global)
   tx, lr_schedule = optim.create_optimizer(config, length.steps_per_epoch, length.total_steps)
-  mngr, state = _restore_or_init(config, workdir, model, tx, mesh, init_variables,
+  mngr, state = _restore_or_init(config, workdir, task.model, tx, mesh, init_variables,
                                  allow_config_change)
   writer = writers.create(workdir, config)
   start_step = int(state.step)
   logging.info('%d examples, %d steps/epoch, %d steps, start at %d; %d devices, %d processes.',
                data.num_global, length.steps_per_epoch, length.total_steps, start_step,
                jax.device_count(), jax.process_count())
-  train_step = make_train_step(config, loss_fn, tx, mesh, lr_schedule, num_views, data.spec)
+  train_step = make_train_step(config, task.loss_fn, tx, mesh, lr_schedule, task.num_views,
+                               data.spec)
   batches = pipeline.global_batches(
       data, config.batch_size, config.seed, start_step, config.cache_dataset,
-      host_crop.HostCrops(config.augment.crop_size, views_of(config, num_views)),
+      host_crop.HostCrops(config.augment.crop_size, views_of(config, task.num_views)),
       mesh_lib.batch_sharded(mesh))
-  schedule = loop.Schedule(length.total_steps, config.log_every, config.checkpoint.every_steps)
-  progress = loop.Progress(length.total_steps, config.batch_size, start_step, console_keys)
-  try:
-    state = loop.run_steps(state, train_step, batches, schedule, mngr, writer, progress,
-                           start_step, hooks)
-  except BaseException:
-    with contextlib.suppress(Exception):  # The metrics so far; the first error is the one to report.
-      writer.flush()
-    raise
-  finally:
-    # An in-flight save is completed (or its failure reported) on any exception too.
-    try:
-      loop.finish_saves(mngr)
-    finally:
-      distributed.training_loop_ended()
-  writer.flush()
+  run = loop.Run(
+      loop.Schedule(length.total_steps, config.log_every, config.checkpoint.every_steps),
+      start_step, mngr, writer,
+      loop.Progress(length.total_steps, config.batch_size, start_step, task.console_keys))
+  with loop.finishing(run):
+    state = loop.run_steps(state, train_step, batches, run, hooks)
   return state

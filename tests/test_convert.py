@@ -3,7 +3,7 @@
 The reference is torchvision itself: a randomly initialised ``resnet50()``
 (BatchNorm statistics and affine parameters randomised too, so a swapped or
 misplaced BN array shows), converted by barlow_jax.convert, loaded with
-stages/pretrain.load_pretrained (what the linear and fine-tuning stages call)
+models/pretrained.load (what the linear and fine-tuning stages call)
 and run on the same images: the pooled 2048-d features must agree.
 """
 
@@ -26,8 +26,8 @@ import torchvision  # noqa: E402
 
 from barlow_jax import convert
 from barlow_jax import errors
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.stages import pretrain
 from cli_runs import REPO, env
 
 torch.set_default_dtype(torch.float32)
@@ -80,7 +80,7 @@ def test_converted_features_match_torchvision(tmp_path, torch_resnet50):
   workdir = str(tmp_path / 'fb_r50')
   convert.convert(_save_hub_file(model, tmp_path / 'resnet50.pth'), workdir, dataset='stl10')
 
-  encoder = pretrain.load_pretrained(workdir, mesh_lib.make_mesh(jax.devices()[:1]))
+  encoder = pretrained.load(workdir, mesh_lib.make_mesh(jax.devices()[:1]))
   assert (encoder.config.model.encoder, encoder.config.model.stem) == ('resnet50', 'imagenet')
   assert encoder.config.converted.projector.startswith('absent')
   assert encoder.config.augment.crop_size == 96  # STL-10's own size.
@@ -116,7 +116,7 @@ def test_the_official_projector_is_converted(tmp_path, torch_resnet50):
   config = convert.convert(str(path), str(tmp_path / 'full'), dataset='cifar10')
   assert (config.model.projector, config.converted.projector) == ('64-32', 'converted')
 
-  encoder = pretrain.load_pretrained(str(tmp_path / 'full'), mesh_lib.make_mesh(jax.devices()[:1]))
+  encoder = pretrained.load(str(tmp_path / 'full'), mesh_lib.make_mesh(jax.devices()[:1]))
   features = np.random.default_rng(1).normal(size=(8, 2048)).astype(np.float32)
   ours = encoder.model.apply(encoder.variables, features,
                              method=lambda m, x: m.head(x, train=False))

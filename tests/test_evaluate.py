@@ -12,8 +12,9 @@ from barlow_jax.evaluators import knn
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import metrics
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.stages import pretrain
+from barlow_jax.runtime import state as state_lib
 from conftest import features, needs_cifar10, pretraining_workdir, tiny_config
 
 
@@ -61,8 +62,9 @@ def test_linear_probe_learns_a_separable_problem():
   centers = rng.normal(size=(4, 8)) * 3
   y = rng.integers(0, 4, 800)
   x = (centers[y] + rng.normal(size=(800, 8))).astype(np.float32)
-  classify = linear_probe.train_linear_probe(x[:600], y[:600], 4, epochs=20, batch_size=64, lr=0.1,
-                                        weight_decay=0.0)
+  classify = linear_probe.train_linear_probe(
+      x[:600], y[:600], 4, linear_probe.ProbeHParams(epochs=20, batch_size=64, lr=0.1,
+                                                     weight_decay=0.0))
   assert (classify(x[600:]).argmax(1) == y[600:]).mean() > 0.95
 
 
@@ -70,8 +72,8 @@ def test_probe_folded_into_a_dense_layer_gives_the_probes_logits():
   rng = np.random.default_rng(3)
   x = (rng.normal(size=(300, 6)) * rng.uniform(0.1, 5, 6) + rng.normal(size=6) * 4).astype(np.float32)
   y = rng.integers(0, 3, 300)
-  params, mean, std = linear_probe.fit_linear_probe(x, y, 3, epochs=5, batch_size=50, lr=0.1,
-                                                    weight_decay=0.0)
+  params, mean, std = linear_probe.fit_linear_probe(
+      x, y, 3, linear_probe.ProbeHParams(epochs=5, batch_size=50, lr=0.1, weight_decay=0.0))
   dense = linear_probe.as_dense(params, mean, std)
   # Independent reference: standardise, then the probe's own weights (float64).
   expected = ((x - mean) / std) @ np.asarray(params['w'], np.float64) + np.asarray(params['b'])
@@ -84,7 +86,7 @@ def test_padded_features_count_every_example_once_on_8_devices(small_resnet):
   config = tiny_config()
   config.model.encoder = small_resnet  # The model and batch of the test below: one compile less.
   model = factory.create_model(config, datasets.num_classes(config))
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  variables = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   split = 'test[:75]'  # Odd size: 4 full batches of 16 and one of 11, not a multiple of 8.
   f8, y8 = features(config, model, variables, split, 16, mesh_lib.make_mesh())
   f1, y1 = features(config, model, variables, split, 16, mesh_lib.make_mesh(jax.devices()[:1]))
@@ -98,7 +100,7 @@ def test_restore_with_another_architecture_names_the_mismatch(tmp_path, small_re
   config = tiny_config()
   config.model.encoder = small_resnet
   pretraining_workdir(tmp_path, config, step=1)
-  encoder = pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh())
+  encoder = pretrained.load(str(tmp_path), mesh_lib.make_mesh())
   assert encoder.step == 1 and 'backbone' in encoder.variables['params']
   other = tiny_config()
   other.model.encoder = small_resnet
@@ -107,7 +109,7 @@ def test_restore_with_another_architecture_names_the_mismatch(tmp_path, small_re
   with pytest.raises(errors.CheckpointError,
                      match=r"differing arrays(.|\n)*params\['backbone'\]\['BasicBlock_0'\]"
                            r"\['BatchNorm_0'\]\['bias'\]: checkpoint \(4,\) vs config \(8,\)"):
-    pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh())
+    pretrained.load(str(tmp_path), mesh_lib.make_mesh())
   assert not (tmp_path / 'checkpoints' / '1.orbax-checkpoint-tmp').exists()
 
 
@@ -116,7 +118,7 @@ def test_augmented_features_identity_view_and_device_count(small_resnet):
   config = tiny_config()
   config.model.encoder = small_resnet
   model = factory.create_model(config, datasets.num_classes(config))
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  variables = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   split, eight, one = 'test[:40]', mesh_lib.make_mesh(), mesh_lib.make_mesh(jax.devices()[:1])
   clean, y = features(config, model, variables, split, 16, eight)
   off = augment.ViewAugment(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0)

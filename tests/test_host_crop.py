@@ -1,7 +1,8 @@
 """ImageNet's host crops (data/host_crop.py) on synthetic non-square JPEGs.
 
 The box sampler is held against the NumPy transcription of torchvision's
-RandomResizedCrop.get_params in tests/test_augment_torchvision.py, the resizes
+RandomResizedCrop.get_params in tests/test_augment_torchvision.py and against
+the device's sampler (data/augment.py) on the same uniforms, the resizes
 against PIL as torchvision calls it on PIL images (importing torch beside
 TensorFlow crashes this process), and the pipeline's host-cropped stream is
 checked for (seed, step)-purity on a tiny ImageNet-like TFDS dataset of JPEGs.
@@ -10,6 +11,7 @@ checked for (seed, step)-purity on a tiny ImageNet-like TFDS dataset of JPEGs.
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -35,18 +37,36 @@ def _jpeg(image, chroma_downsampling=True):
   return tf.io.encode_jpeg(image, quality=90, chroma_downsampling=chroma_downsampling)
 
 
-def _boxes(height, width, n, scale=SCALE, ratio=RATIO, seed=0):
-  """n boxes [4, n] from the host sampler, through tf.data as the pipeline runs it."""
+def _boxes_and_uniforms(height, width, n, scale=SCALE, ratio=RATIO, seed=0):
+  """n boxes [4, n] from the host sampler, through tf.data as the pipeline runs it, and the
+  [n, CROP_UNIFORMS] uniforms each was drawn from."""
   def box(i):
     key = host_crop.example_seed(seed, 0, i, 0)
-    return host_crop.random_crop_box(key, tf.constant(height), tf.constant(width), scale, ratio)
+    return (host_crop.random_crop_box(key, tf.constant(height), tf.constant(width), scale, ratio),
+            host_crop.crop_box_uniforms(key))
   ds = tf.data.Dataset.range(n).map(box, num_parallel_calls=tf.data.AUTOTUNE)
-  return next(ds.batch(n).as_numpy_iterator()).T.astype(np.float64)
+  boxes, uniforms = next(ds.batch(n).as_numpy_iterator())
+  return boxes.T.astype(np.float64), uniforms
 
 
-@pytest.mark.parametrize('height, width', [(375, 500), (500, 375)])
-def test_box_distribution_matches_torchvision_at_full_size(height, width):
-  ours = _boxes(height, width, tv_ref.N_BOXES)
+def _boxes(height, width, n, scale=SCALE, ratio=RATIO, seed=0):
+  return _boxes_and_uniforms(height, width, n, scale, ratio, seed)[0]
+
+
+def _device_boxes(uniforms, height, width):
+  """[4, n] boxes of the device's sampler (float32, as the train step runs it) from ``uniforms``."""
+  one = lambda u: jnp.stack(augment.crop_box_from_uniforms(u, height, width, SCALE, RATIO))
+  return np.asarray(jax.jit(jax.vmap(one))(uniforms.astype(np.float32)), np.float64).T
+
+
+@pytest.mark.parametrize('height, width', [(375, 500), (500, 375), (32, 32)])
+def test_box_distribution_matches_torchvision_and_the_device_sampler(height, width):
+  ours, uniforms = _boxes_and_uniforms(height, width, tv_ref.N_BOXES)
+  # The device's sampler is the same map from uniforms to boxes, in float32: the same boxes
+  # (float32 could round a side or an offset across an integer; none of the 20,000 does on
+  # CPU). So the two draw the same distribution; each RNG is held against torchvision's below
+  # and in test_augment_torchvision.py.
+  np.testing.assert_array_equal(_device_boxes(uniforms, height, width), ours)
   theirs = tv_ref._numpy_boxes(tv_ref._torchvision_box, height, width)
   y0, x0, h, w = ours
   assert np.all((y0 >= 0) & (x0 >= 0) & (h >= 1) & (w >= 1))

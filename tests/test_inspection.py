@@ -12,6 +12,7 @@ from barlow_jax.models import factory
 from barlow_jax.runtime import loop
 from barlow_jax.runtime import workdir as workdir_lib
 from barlow_jax.stages import pretrain
+from barlow_jax.runtime import state as state_lib
 from conftest import tiny_config
 
 
@@ -33,8 +34,8 @@ def test_param_table_counts_a_hand_counted_model():
 
 def test_param_table_of_the_model_sums_to_its_size_in_name_order():
   config = tiny_config()
-  shapes = jax.eval_shape(lambda: factory.create_model(config, datasets.num_classes(config)).init(
-      jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False))
+  model = factory.create_model(config, datasets.num_classes(config))
+  shapes = jax.eval_shape(lambda: state_lib.init_variables(model, 32, jax.random.PRNGKey(0)))
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes['params'])
   rows = inspection.param_table(params)
   assert len(rows) == len(jax.tree.leaves(params))

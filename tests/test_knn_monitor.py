@@ -17,6 +17,7 @@ from barlow_jax.evaluators import knn
 from barlow_jax.evaluators import knn_monitor
 from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import pretrain
 from cli_runs import read_scalars
@@ -62,7 +63,7 @@ def test_logged_knn_equals_knn_of_the_checkpoints_at_those_steps(tmp_path, small
   predict_fn = predict.make_predict_fn(config, factory.create_model(config, 10),
                                        outputs=('features',), spec=datasets.DATASETS['cifar10'])
   for step in (2, 4, 5):  # Checkpoints every 2 steps and at the end.
-    restored = pretrain.load_pretrained(str(tmp_path), mesh_lib.make_mesh(), step)
+    restored = pretrained.load(str(tmp_path), mesh_lib.make_mesh(), step)
     assert restored.step == step
     assert logged[step] == pytest.approx(top1_from(config, restored.variables, predict_fn),
                                          abs=1e-6)

@@ -23,15 +23,17 @@ from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.stages import linear
-from barlow_jax.stages import pretrain
 from conftest import (DATA_DIR, config_module, features, needs_cifar10, pretraining_workdir,
                       snapshot, tiny_config)
 
 
 SPLIT = 'train[:96]'  # 3 batches of 32 per epoch.
-HYPER = dict(epochs=3, batch_size=32, lr=0.3, weight_decay=1e-3, momentum=0.9, seed=5)
+HYPER = linear_probe.ProbeHParams(epochs=3, batch_size=32, lr=0.3, weight_decay=1e-3, momentum=0.9,
+                                  seed=5)
 NO_AUGMENTATION = augment.ViewAugment(crop=0.0, flip=0.0, jitter=0.0, grayscale=0.0, blur=0.0,
                                       solarize=0.0)
 CROP_FLIP = augment.ViewAugment(crop=1.0, flip=0.5, jitter=0.0, grayscale=0.0, blur=0.0,
@@ -61,15 +63,14 @@ def numpy_probe(x, y, order, num_classes, lr, weight_decay, momentum):
 
 @pytest.fixture(scope='module')
 def encoder(small_resnet):
-  """(config, model, random-init variables, data, clean features and labels of SPLIT)."""
+  """(the random-init encoder, data, clean features and labels of SPLIT)."""
   config = tiny_config()
   config.model.encoder = small_resnet
   config.train_split = SPLIT
   model = factory.create_model(config, datasets.num_classes(config))
-  variables = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32),
-                         train=False)
+  variables = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   x, y = features(config, model, variables, SPLIT, 32, mesh_lib.make_mesh())
-  return config, model, variables, pipeline.load_train_data(
+  return pretrained.Pretrained(config, model, variables, 0), pipeline.load_train_data(
       datasets.from_config(config), config.train_split, config.fraction, config.fraction_seed), x, y
 
 
@@ -79,24 +80,23 @@ def pipeline_order(config, data, steps: int) -> np.ndarray:
   images = next(pipeline.eval_batches(builder, data.spec, SPLIT, 96))['image']
   row_of = {im.tobytes(): i for i, im in enumerate(images)}
   assert len(row_of) == 96  # No duplicate images: the mapping is exact.
-  stream = pipeline.train_dataset(data, 32, HYPER['seed']).as_numpy_iterator()
+  stream = pipeline.train_dataset(data, 32, HYPER.seed).as_numpy_iterator()
   return np.array([[row_of[im.tobytes()] for im in next(stream)['image']]
                    for _ in range(steps)])
 
 
 @needs_cifar10
 def test_without_augmentation_equals_cached_probe_and_numpy_in_the_same_order(encoder, tmp_path):
-  config, model, variables, data, x, y = encoder
-  mean, std = linear_probe.feature_standardizer(x)
-  on_the_fly = linear_probe.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION,
-                                                  mean, std, str(tmp_path),
-                                                  mesh=mesh_lib.make_mesh(), **HYPER)
+  encoder, data, x, y = encoder
+  on_the_fly = linear_probe.train_augmented_probe(
+      encoder, data, NO_AUGMENTATION, linear_probe.feature_standardizer(x), str(tmp_path), HYPER,
+      mesh_lib.make_mesh())
 
-  order = pipeline_order(config, data, steps=HYPER['epochs'] * 3)
+  order = pipeline_order(encoder.config, data, steps=HYPER.epochs * 3)
   assert sorted(order[:3].ravel()) == list(range(96))  # Each epoch is a permutation.
-  cached = linear_probe.train_linear_probe(x, y, 10, batch_indices=order, **HYPER)
-  reference = numpy_probe(x.astype(np.float64), y, order, 10, HYPER['lr'],
-                          HYPER['weight_decay'], HYPER['momentum'])
+  cached = linear_probe.train_linear_probe(x, y, 10, HYPER, batch_indices=order)
+  reference = numpy_probe(x.astype(np.float64), y, order, 10, HYPER.lr, HYPER.weight_decay,
+                          HYPER.momentum)
 
   logits = on_the_fly(x)
   assert np.abs(logits).max() > 1.0  # The classifier moved away from zero.
@@ -107,16 +107,16 @@ def test_without_augmentation_equals_cached_probe_and_numpy_in_the_same_order(en
 
 @needs_cifar10
 def test_augmented_views_do_not_depend_on_the_device_count(encoder, tmp_path):
-  config, model, variables, data, x, _ = encoder
-  mean, std = linear_probe.feature_standardizer(x)
-  hyper = dict(HYPER, epochs=1)
+  encoder, data, x, _ = encoder
+  standardizer = linear_probe.feature_standardizer(x)
+  hyper = HYPER._replace(epochs=1)
   logits = {n: linear_probe.train_augmented_probe(
-      config, model, variables, data, CROP_FLIP, mean, std, str(tmp_path / f'{n}'),
-      mesh=mesh_lib.make_mesh(jax.devices()[:n]), **hyper)(x) for n in (8, 1)}
+      encoder, data, CROP_FLIP, standardizer, str(tmp_path / f'{n}'), hyper,
+      mesh_lib.make_mesh(jax.devices()[:n]))(x) for n in (8, 1)}
   np.testing.assert_allclose(logits[8], logits[1], rtol=1e-4, atol=1e-5)
-  clean = linear_probe.train_augmented_probe(config, model, variables, data, NO_AUGMENTATION, mean,
-                                             std, str(tmp_path / 'clean'),
-                                             mesh=mesh_lib.make_mesh(), **hyper)(x)
+  clean = linear_probe.train_augmented_probe(encoder, data, NO_AUGMENTATION, standardizer,
+                                             str(tmp_path / 'clean'), hyper,
+                                             mesh_lib.make_mesh())(x)
   assert np.abs(logits[8] - clean).max() > 1e-2  # The augmentation did change the features.
 
 
@@ -198,7 +198,7 @@ def test_random_init_baseline_has_the_recorded_architecture_and_fresh_weights(tm
   config.data_dir = '/elsewhere/tfds'  # An override of the recorded data dir is applied.
   mesh = mesh_lib.make_mesh()
   random, description = linear.load_encoder(config, mesh)
-  trained = pretrain.load_pretrained(str(tmp_path / 'bt'), mesh)
+  trained = pretrained.load(str(tmp_path / 'bt'), mesh)
   assert description == 'random init (same architecture)' and random.step == 0
   assert random.config.data_dir == '/elsewhere/tfds'
   assert trained.config.data_dir == DATA_DIR  # The recorded one, without overrides.

@@ -14,6 +14,7 @@ import numpy as np
 
 from barlow_jax.data import datasets
 from barlow_jax.models import factory
+from barlow_jax.runtime import state as state_lib
 from conftest import DATA_DIR, REPO, needs_cifar10, pretraining_workdir, tiny_config
 
 NOTEBOOK = REPO / 'notebooks' / 'inspect_run.ipynb'
@@ -49,9 +50,9 @@ def test_notebook_runs_on_a_tiny_workdir_and_draws_everything(tmp_path):
   assert 'step 2, resnet18 width 4' in text, text
   tables = _outputs(nb, 'text/markdown')
   # The parameter table sums to the model's size, counted here from its init.
-  size = config.augment.crop_size
-  shapes = jax.eval_shape(lambda: factory.create_model(config, datasets.num_classes(config)).init(
-      jax.random.PRNGKey(0), np.zeros((2, size, size, 3), np.float32), train=False))
+  model = factory.create_model(config, datasets.num_classes(config))
+  shapes = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
+                                                           jax.random.PRNGKey(0)))
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
   assert any('| parameter | shape | count |' in t and f'{total:,} parameters' in t for t in tables)
   bn_layers = len(jax.tree.leaves(shapes['batch_stats'])) // 2

@@ -363,15 +363,15 @@ def test_loop_phases_a_stop_signal_stops_the_run_after_the_last_check(
                                      {'loss': jax.numpy.sum(s['w'])}))
   batches = iter([{'x': np.ones((4,), np.float32)}] * 3)
   mngr = checkpoint.manager(str(tmp_path))
-  schedule = loop.Schedule(total_steps=3, log_every=1, save_every=2)
-  progress = loop.Progress(3, 1, 0, ('loss',))
+  run = loop.Run(loop.Schedule(total_steps=3, log_every=1, save_every=2), 0, mngr, _Writer(),
+                 loop.Progress(3, 1, 0, ('loss',)))
   try:
     if outcome == 'done':
-      final = loop.run_steps(state, train_step, batches, schedule, mngr, _Writer(), progress, 0)
+      final = loop.run_steps(state, train_step, batches, run)
       assert int(final['step']) == 3
     else:
       with pytest.raises(errors.Preempted if outcome == 'preempted' else SystemExit) as raised:
-        loop.run_steps(state, train_step, batches, schedule, mngr, _Writer(), progress, 0)
+        loop.run_steps(state, train_step, batches, run)
       if outcome == 'exit':
         assert raised.value.code == errors.EXIT_PREEMPTED
         assert 'outside a training loop' in signal_state[0]

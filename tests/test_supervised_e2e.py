@@ -14,10 +14,11 @@ from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import predict
 from barlow_jax.stages import finetune
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.stages import supervised
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.stages import pretrain
+from barlow_jax.runtime import state as state_lib
 from conftest import (config_module, DATA_DIR, assert_png_not_blank, needs_cifar10, pretraining_workdir,
                       snapshot, tiny_config, tiny_supervised_config)
 
@@ -80,15 +81,16 @@ def test_finetune_starts_from_the_pretrained_encoder(tmp_path, small_resnet):
 
   # Three steps at the backbone's small lr leave it next to the pretrained
   # encoder, far from a fresh initialisation of the same architecture.
-  pretrained = pretrain.load_pretrained(str(tmp_path / 'bt'), mesh_lib.make_mesh()).variables
+  encoder = pretrained.load(str(tmp_path / 'bt'), mesh_lib.make_mesh()).variables
   manager = checkpoint.manager(str(tmp_path / 'ft'), config.checkpoint.max_to_keep)
   tuned = manager.restore(3, args=ocp.args.StandardRestore())['params']['backbone']
   fresh_config = tiny_config()
   fresh_config.model.encoder = small_resnet
-  fresh = factory.create_model(fresh_config, datasets.num_classes(fresh_config)).init(
-      jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)['params']['backbone']
+  fresh_model = factory.create_model(fresh_config, datasets.num_classes(fresh_config))
+  fresh = state_lib.init_variables(fresh_model, 32,
+                                   jax.random.PRNGKey(0))['params']['backbone']
   distance = lambda a, b: float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, a, b)))
-  to_pretrained = distance(tuned, jax.device_get(pretrained['params']['backbone']))
+  to_pretrained = distance(tuned, jax.device_get(encoder['params']['backbone']))
   assert to_pretrained < 0.01 * distance(tuned, fresh), to_pretrained
 
 
@@ -102,7 +104,7 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
   config.train_split, config.label_fraction, config.eval.batch_size = 'train[:1000]', 0.1, 64
   config.probe.epochs, config.head_init = 5, 'linear_probe'
   mesh = mesh_lib.make_mesh()
-  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh)
+  encoder = pretrained.load(config.pretrained_workdir, mesh)
   init = finetune.initial_variables(config, encoder, datasets.from_config(encoder.config), mesh)
 
   # Reference: the linear probe fitted on the same labelled images' features.
@@ -112,15 +114,16 @@ def test_finetune_classifier_starts_as_the_linear_probe(tmp_path, small_resnet):
       encoder.variables, 'train[:1000]', 64, mesh)
   keep = pipeline.balanced_subset(feats['label'], 0.1, 10, config.fraction_seed)
   probe = linear_probe.train_linear_probe(
-      feats['features'][keep], feats['label'][keep], 10, epochs=5, batch_size=256,
-      lr=config.probe.lr, weight_decay=config.probe.weight_decay, seed=config.seed,
+      feats['features'][keep], feats['label'][keep], 10,
+      linear_probe.ProbeHParams(epochs=5, batch_size=256, lr=config.probe.lr,
+                                weight_decay=config.probe.weight_decay, seed=config.seed),
       per_feature=False)
   head = jax.device_get(init['params']['classifier'])
   logits = feats['features'][keep] @ head['kernel'] + head['bias']
   np.testing.assert_allclose(logits, probe(feats['features'][keep]), rtol=1e-3, atol=1e-3)
   # The initial modules are the fine-tuning model's own, with its shapes.
   model = factory.create_supervised_model(finetune.supervised_config(config, encoder.config), 10)
-  fresh = model.init(jax.random.PRNGKey(0), np.zeros((2, 32, 32, 3), np.float32), train=False)
+  fresh = state_lib.init_variables(model, 32, jax.random.PRNGKey(0))
   assert set(init['params']) == {'backbone', 'classifier'}
   for name in init['params']:
     assert (jax.tree.map(np.shape, jax.device_get(init['params'][name]))

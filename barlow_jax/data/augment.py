@@ -77,6 +77,8 @@ def _resize_box(image, box, out_size: int):
 
 
 CROP_ATTEMPTS = 10  # As torchvision's RandomResizedCrop.get_params.
+# The uniforms one crop box takes: an area and an aspect per attempt, two offsets.
+CROP_UNIFORMS = 2 * CROP_ATTEMPTS + 2
 
 
 def _centre_crop_fallback(height: int, width: int, ratio) -> tuple[int, int, int, int]:
@@ -105,7 +107,17 @@ def random_crop_box(key, height: int, width: int, scale, ratio):
   Returns:
     Four float32 scalars with integer values.
   """
-  u = jax.random.uniform(key, (2 * CROP_ATTEMPTS + 2,))  # One draw: cheaper to compile.
+  u = jax.random.uniform(key, (CROP_UNIFORMS,))  # One draw: cheaper to compile.
+  return crop_box_from_uniforms(u, height, width, scale, ratio)
+
+
+def crop_box_from_uniforms(u, height: int, width: int, scale, ratio):
+  """random_crop_box's box from its ``CROP_UNIFORMS`` uniforms ``u`` in [0, 1).
+
+  data/host_crop.crop_box_from_uniforms is the same map in TF ops, in float64:
+  tests/test_host_crop.py holds the two to the same boxes from the same
+  uniforms.
+  """
   area = (scale[0] + (scale[1] - scale[0]) * u[:CROP_ATTEMPTS]) * (height * width)
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
   aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[CROP_ATTEMPTS:2 * CROP_ATTEMPTS])

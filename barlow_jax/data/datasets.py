@@ -176,7 +176,7 @@ def for_encoder(name: str, encoder_config) -> Dataset:
 
   Args:
     name: the dataset to evaluate on (config.dataset of the pretraining run, or another one).
-    encoder_config: the pretraining run's recorded config (pretrain.read_pretrained_config).
+    encoder_config: the pretraining run's recorded config (models/pretrained.read_config).
 
   Raises:
     As resolve.

@@ -68,8 +68,17 @@ def random_crop_box(seed, height, width, scale, ratio) -> tf.Tensor:
     height, width: int32 scalars, the image's sides.
     scale, ratio: (low, high) of the area fraction and of the aspect w/h.
   """
+  return crop_box_from_uniforms(crop_box_uniforms(seed), height, width, scale, ratio)
+
+
+def crop_box_uniforms(seed) -> tf.Tensor:
+  """The ``augment.CROP_UNIFORMS`` float64 uniforms random_crop_box draws from ``seed``."""
+  return tf.random.stateless_uniform([augment.CROP_UNIFORMS], seed, dtype=tf.float64)
+
+
+def crop_box_from_uniforms(u, height, width, scale, ratio) -> tf.Tensor:
+  """augment.crop_box_from_uniforms in TF ops on traced sides, in float64: ``[y0, x0, h, w]``."""
   n = augment.CROP_ATTEMPTS
-  u = tf.random.stateless_uniform([2 * n + 2], seed, dtype=tf.float64)
   h_f, w_f = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
   area = (scale[0] + (scale[1] - scale[0]) * u[:n]) * h_f * w_f
   log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])

@@ -10,7 +10,7 @@ logs, checkpoints into its own workdir and resumes like them.
 """
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -22,10 +22,26 @@ from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import loop
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.runtime import writers
+
+
+class ProbeHParams(NamedTuple):
+  """How a probe trains: SGD momentum, cosine lr, weight decay added to the gradient."""
+  epochs: int  # Passes over the data (each drops its last n % batch_size examples).
+  batch_size: int  # Examples per step.
+  lr: float  # Peak learning rate.
+  weight_decay: float  # L2 coefficient.
+  momentum: float = 0.9
+  seed: int = 0  # The data order (and the augmented probe's views).
+
+  @classmethod
+  def of(cls, probe, seed: int) -> 'ProbeHParams':
+    """From a config's ``probe`` section (epochs, batch_size, lr, weight_decay, momentum)."""
+    return cls(probe.epochs, probe.batch_size, probe.lr, probe.weight_decay, probe.momentum, seed)
 
 
 def feature_standardizer(train_features: np.ndarray,
@@ -88,9 +104,11 @@ def _probe_predictor(params: dict, mean: np.ndarray, std: np.ndarray):
   return predict
 
 
-def train_linear_probe(train_features, train_labels, num_classes: int, **hparams):
+def train_linear_probe(train_features, train_labels, num_classes: int, hparams: ProbeHParams,
+                       *, batch_indices: Optional[np.ndarray] = None, per_feature: bool = True):
   """predict(features) -> [n, num_classes] logits of fit_linear_probe's classifier."""
-  return _probe_predictor(*fit_linear_probe(train_features, train_labels, num_classes, **hparams))
+  return _probe_predictor(*fit_linear_probe(train_features, train_labels, num_classes, hparams,
+                                            batch_indices=batch_indices, per_feature=per_feature))
 
 
 def as_dense(params: dict, mean: np.ndarray, std: np.ndarray) -> dict:
@@ -107,10 +125,8 @@ def as_dense(params: dict, mean: np.ndarray, std: np.ndarray) -> dict:
   return {'kernel': kernel.astype(np.float32), 'bias': bias.astype(np.float32)}
 
 
-def fit_linear_probe(train_features, train_labels, num_classes: int, *, epochs: int,
-                     batch_size: int, lr: float, weight_decay: float, momentum: float = 0.9,
-                     seed: int = 0, batch_indices: Optional[np.ndarray] = None,
-                     per_feature: bool = True):
+def fit_linear_probe(train_features, train_labels, num_classes: int, hparams: ProbeHParams, *,
+                     batch_indices: Optional[np.ndarray] = None, per_feature: bool = True):
   """Softmax regression on cached features: SGD momentum, cosine lr, weight decay.
 
   Features are standardised with the training mean/std first
@@ -121,12 +137,7 @@ def fit_linear_probe(train_features, train_labels, num_classes: int, *, epochs: 
     train_features: [n, F] features.
     train_labels: [n] int labels.
     num_classes: K.
-    epochs: passes over the data (each drops its last n % batch_size examples).
-    batch_size: examples per step.
-    lr: peak learning rate.
-    weight_decay: L2 coefficient.
-    momentum: SGD momentum.
-    seed: the per-epoch shuffles.
+    hparams: epochs, batch size, optimiser and the seed of the per-epoch shuffles.
     batch_indices: [steps, batch_size] rows of ``train_features`` for each
       step, replacing the epochs of shuffles (e.g. another pipeline's order);
       the cosine then runs over these steps.
@@ -139,10 +150,11 @@ def fit_linear_probe(train_features, train_labels, num_classes: int, *, epochs: 
   x_all = jnp.asarray((train_features - mean) / std, jnp.float32)
   y_all = jnp.asarray(train_labels, jnp.int32)
   n, dim = x_all.shape
-  batch_size = min(batch_size, n)  # A labelled fraction may hold fewer examples than a batch.
+  # A labelled fraction may hold fewer examples than a batch.
+  batch_size, epochs = min(hparams.batch_size, n), hparams.epochs
   steps_per_epoch = n // batch_size
   total = epochs * steps_per_epoch if batch_indices is None else len(batch_indices)
-  tx = probe_optimizer(lr, weight_decay, momentum, total)
+  tx = probe_optimizer(hparams.lr, hparams.weight_decay, hparams.momentum, total)
 
   @jax.jit
   def fit(carry, idx):
@@ -157,7 +169,7 @@ def fit_linear_probe(train_features, train_labels, num_classes: int, *, epochs: 
   if batch_indices is not None:
     carry = fit(carry, jnp.asarray(batch_indices, jnp.int32))
   else:
-    for key in jax.random.split(jax.random.PRNGKey(seed), epochs):
+    for key in jax.random.split(jax.random.PRNGKey(hparams.seed), epochs):
       order = jax.random.permutation(key, n)[:steps_per_epoch * batch_size]
       carry = fit(carry, order.reshape(steps_per_epoch, batch_size))
   return jax.device_get(carry[0]), mean, std
@@ -209,62 +221,59 @@ def make_augmented_probe_step(config, model, view: augment.ViewAugment,
   return step
 
 
-def train_augmented_probe(config, model, variables, data: pipeline.TrainData,
-                          view: augment.ViewAugment, mean: np.ndarray, std: np.ndarray,
-                          workdir: str, *, epochs: int, batch_size: int, lr: float,
-                          weight_decay: float, momentum: float = 0.9, seed: int = 0, mesh=None):
+def train_augmented_probe(encoder: pretrained.Pretrained, data: pipeline.TrainData,
+                          view: augment.ViewAugment, standardizer: tuple[np.ndarray, np.ndarray],
+                          workdir: str, hparams: ProbeHParams, mesh=None):
   """Linear probe on features of augmented train images, computed on the fly.
 
   The same classifier, optimiser and schedule as train_linear_probe, but
   every step encodes a fresh augmented view of its batch. Features cannot be
   standardised by statistics of augmented features known in advance, so the
-  fixed ``mean``/``std`` (of the clean training features) standardise both
-  the training views and, through ``predict``, the clean test features. The
-  head is saved at the end into ``workdir``/checkpoints; a rerun resumes.
+  fixed (mean, std) of the clean training features standardise both the
+  training views and, through ``predict``, the clean test features. The head
+  is saved at the end into ``workdir``/checkpoints; a rerun resumes.
 
   Args:
-    config: the pretraining config.
-    model: the BarlowTwinsModel, without axis_name.
-    variables: the frozen {'params', 'batch_stats'}.
+    encoder: the frozen encoder (its config, model without axis_name, and
+      {'params', 'batch_stats'}).
     data: the training examples (pipeline.load_train_data; its fraction is
       the balanced label fraction).
     view: the training augmentation.
-    mean: [F] from feature_standardizer of the clean training features.
-    std: [F], likewise.
+    standardizer: ([F] mean, [F] std) from feature_standardizer of the clean
+      training features.
     workdir: the probe's own workdir (never the pretraining one).
-    epochs: steps are ``epochs * (data.num_global // batch_size)``.
-    batch_size: global batch, divisible by the device and process counts.
-    lr, weight_decay, momentum: as train_linear_probe.
-    seed: data order (pipeline.train_dataset) and augmentation keys.
+    hparams: as train_linear_probe's; steps are ``epochs * (data.num_global
+      // batch_size)``, the batch is global (divisible by the device and
+      process counts), the seed gives the data order (pipeline.train_dataset)
+      and the augmentation keys.
     mesh: the data mesh; default all devices.
 
   Returns:
     predict(features) -> [n, num_classes] logits, for clean features.
   """
   mesh = mesh or mesh_lib.make_mesh()
+  (mean, std), config, batch_size = standardizer, encoder.config, hparams.batch_size
   steps_per_epoch = max(1, data.num_global // batch_size)
-  total = epochs * steps_per_epoch
-  tx = probe_optimizer(lr, weight_decay, momentum, total)
+  total = hparams.epochs * steps_per_epoch
+  tx = probe_optimizer(hparams.lr, hparams.weight_decay, hparams.momentum, total)
   replicated = mesh_lib.replicated(mesh)
   params = init_probe(len(mean), data.spec.num_classes)
   head = jax.device_put((params, tx.init(params), jnp.int32(0)), replicated)
   mngr = checkpoint.manager(workdir, max_to_keep=1)
   head = checkpoint.restore_latest(mngr, head)
   start = int(head[2])
-  step = make_augmented_probe_step(config, model, view, tx, mean, std, seed, data.spec)
+  step = make_augmented_probe_step(config, encoder.model, view, tx, mean, std, hparams.seed,
+                                   data.spec)
   batches = pipeline.global_batches(
-      data, batch_size, seed, start, config.cache_dataset,
+      data, batch_size, hparams.seed, start, config.cache_dataset,
       host_crop.HostCrops(config.augment.crop_size, (view,)), mesh_lib.batch_sharded(mesh))
   logging.info('Augmented probe: %d examples, %d steps of %d (%d epochs), start at %d.',
-               data.num_global, total, batch_size, epochs, start)
-  writer = writers.create(workdir, config)
+               data.num_global, total, batch_size, hparams.epochs, start)
   # A line per epoch; one save, at the end.
-  schedule = loop.Schedule(total, log_every=steps_per_epoch, save_every=total)
-  progress = loop.Progress(total, batch_size, start, console_keys=('loss', 'accuracy'))
-  try:
-    head = loop.run_steps(head, step, batches, schedule, mngr, writer, progress, start,
-                          frozen=(jax.device_put(variables, replicated),))
-  finally:
-    mngr.wait_until_finished()
-    writer.flush()
+  run = loop.Run(loop.Schedule(total, log_every=steps_per_epoch, save_every=total), start, mngr,
+                 writers.create(workdir, config),
+                 loop.Progress(total, batch_size, start, console_keys=('loss', 'accuracy')))
+  with loop.finishing(run):
+    head = loop.run_steps(head, step, batches, run,
+                          frozen=(jax.device_put(encoder.variables, replicated),))
   return _probe_predictor(head[0], mean, std)

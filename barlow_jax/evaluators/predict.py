@@ -1,4 +1,4 @@
-"""The one inference loop: a model's outputs for every example of a split, once each.
+"""The one inference program and the one loop that runs it over a split.
 
 Every evaluation (features for the probes and kNN, the kNN monitor,
 predictions of supervised runs, the embedding pictures) goes through
@@ -6,6 +6,8 @@ predictions of supervised runs, the embedding pictures) goes through
 batches (data/pipeline.eval_batches), the jitted ``predict`` runs on the
 global batch, and the outputs of the real examples are gathered from every
 process and put back in the split's order, whatever the process count.
+The pictures of two augmented views during pretraining (stages/pretrain)
+run the same ``predict`` on one fixed batch, on one device of process 0.
 BatchNorm runs in inference mode.
 """
 
@@ -27,6 +29,10 @@ from barlow_jax.runtime import mesh as mesh_lib
 # predict(variables, uint8 images [N, H, W, 3], key) -> {output name: float32 [N, ...]}.
 PredictFn = Callable[[dict, jax.Array, jax.Array], dict]
 
+# An output make_predict_fn adds when asked: the network's input, its
+# standardisation undone and clipped to [0, 1] (the augmented view, to show).
+INPUTS = 'inputs'
+
 
 def make_predict_fn(config, model, view: Optional[augment.ViewAugment] = None,
                     outputs: Optional[Sequence[str]] = None, *,
@@ -37,19 +43,24 @@ def make_predict_fn(config, model, view: Optional[augment.ViewAugment] = None,
   ``view`` scaled, centre-cropped to ``config.augment.crop_size`` if larger and
   standardised (``key`` unused); with ``view`` augmented first, example i with
   ``split(key, n)[i]`` for the global batch of n, so a view does not depend on
-  the device count. ``outputs`` picks the model outputs (None: all); the rest
-  are not computed; ``spec``'s channel mean and std standardise the images
+  the device count. ``outputs`` picks the model outputs (None: all), and
+  INPUTS the input images; the rest are not computed; ``spec``'s channel mean
+  and std standardise the images
   (``config`` gives augment.crop_size and model.dtype). Build it once and
   reuse it: each call compiles anew.
   """
   crop = config.augment.crop_size
   dtype = jnp.dtype(config.model.dtype)
+  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
 
   @jax.jit
   def predict(variables, images, key):
     x = augment.model_inputs(images, key, view, crop, spec.mean, spec.std, dtype)
     out = model.apply(variables, x, train=False)
-    return {k: v.astype(jnp.float32) for k, v in out.items() if outputs is None or k in outputs}
+    out = {k: v.astype(jnp.float32) for k, v in out.items() if outputs is None or k in outputs}
+    if outputs is not None and INPUTS in outputs:
+      out[INPUTS] = jnp.clip(x.astype(jnp.float32) * std + mean, 0.0, 1.0)
+    return out
 
   return predict
 

@@ -7,6 +7,7 @@ with Orbax, stops after a complete save on SIGTERM, and calls hooks (the kNN
 monitor) between steps.
 """
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -62,6 +63,16 @@ class Schedule:
   save_every: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of the loop: when, from which step, and where it saves, writes and reports."""
+  schedule: Schedule
+  start_step: int  # The step the state is at (0, or the restored checkpoint's).
+  mngr: ocp.CheckpointManager  # The run's Orbax manager.
+  writer: Any  # A clu metric writer (runtime/writers.create).
+  progress: Progress  # The console line.
+
+
 def _check_finite(scalars: dict, first: int, last: int, mngr: ocp.CheckpointManager) -> None:
   if all(np.isfinite(v) for v in scalars.values()):
     return
@@ -110,6 +121,29 @@ def finish_saves(mngr: ocp.CheckpointManager) -> None:
   mngr.close()
 
 
+@contextlib.contextmanager
+def finishing(run: Run):
+  """Ends ``run`` however its block exits: saves complete, manager closed, metrics flushed.
+
+  An in-flight save is completed (or its failure reported) on any exception
+  too, and a stop signal ends the process at once again
+  (distributed.training_loop_ended); on an exception the metrics so far are
+  flushed, and that first error is the one reported.
+  """
+  try:
+    yield
+  except BaseException:
+    with contextlib.suppress(Exception):
+      run.writer.flush()
+    raise
+  finally:
+    try:
+      finish_saves(run.mngr)
+    finally:
+      distributed.training_loop_ended()
+  run.writer.flush()
+
+
 def _write_summaries(write: Callable[[int, dict], Any], step: int, values: dict) -> None:
   """TensorBoard summaries are diagnostics: a failed write (a full disk) is logged, not fatal.
 
@@ -139,21 +173,21 @@ def _run_hooks(hooks: Sequence[Hook], step: int, state, writer, progress: Progre
   progress.last_time += time.time() - t0  # Throughput counts training only.
 
 
-def _report(summed: dict, count: int, done: int, schedule: Schedule, save_now: bool,
-            mngr: ocp.CheckpointManager, writer, progress: Progress) -> bool:
+def _report(summed: dict, count: int, done: int, save_now: bool, run: Run) -> bool:
   """Logs the metrics averaged since the last log, when it is time; whether it logged.
 
   Before every save the metrics are checked, so a non-finite state is never
   checkpointed (FloatingPointError).
   """
-  log_now = done % schedule.log_every == 0 or done == schedule.total_steps
+  log_now = done % run.schedule.log_every == 0 or done == run.schedule.total_steps
   if not (log_now or save_now):
     return False
   scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
-  _check_finite(scalars, done - count + 1, done, mngr)
+  _check_finite(scalars, done - count + 1, done, run.mngr)
   if log_now:
-    progress(done, scalars)
-    _write_summaries(writer.write_scalars, done, {f'train/{k}': v for k, v in scalars.items()})
+    run.progress(done, scalars)
+    _write_summaries(run.writer.write_scalars, done,
+                     {f'train/{k}': v for k, v in scalars.items()})
   return log_now
 
 
@@ -186,10 +220,9 @@ def _stop_if_asked(mngr: ocp.CheckpointManager, saved: int, done: int, total: in
                     f'of {total} in {mngr.directory}; run the same command again to resume.')
 
 
-def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
-              mngr: ocp.CheckpointManager, writer, progress: Progress, start_step: int,
-              hooks: Sequence[Hook] = (), frozen: tuple = ()):
-  """Runs ``state, metrics = train_step(state, batch, *frozen)`` from start_step to the end.
+def run_steps(state, train_step, batches: Iterator[dict], run: Run, hooks: Sequence[Hook] = (),
+              frozen: tuple = ()):
+  """Runs ``state, metrics = train_step(state, batch, *frozen)`` from run.start_step to the end.
 
   Metrics are summed on the device and averaged every ``schedule.log_every``
   steps (no host sync in between); ``state`` is saved every
@@ -198,17 +231,14 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
   current step and raises Preempted (_stop_if_asked), without the hooks.
 
   Args:
-    state: any pytree; saved as is with StandardSave.
+    state: any pytree, at step ``run.start_step``; saved as is with StandardSave.
     train_step: jitted (state, batch, *frozen) -> (state, metrics dict of scalars).
     batches: iterator of device batches.
-    schedule: the last step and the log and save periods.
-    mngr: the run's Orbax CheckpointManager.
-    writer: a clu metric writer.
-    progress: the console reporter.
-    start_step: the step ``state`` is at.
+    run: the schedule, the start step, the Orbax manager, the writer and the
+      console line.
     hooks: ``hook(step, state) -> summaries (Hook) or None``, called on every
       process after each step with the updates done and the state as saved;
-      their summaries go to ``writer``, their time is not in the images/s.
+      their summaries go to ``run.writer``, their time is not in the images/s.
     frozen: further arguments of every step that never change (a frozen
       encoder's variables); not saved.
 
@@ -219,12 +249,12 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     FloatingPointError: non-finite metrics; the last good checkpoint is kept.
     Preempted: stopped by SIGTERM after a completed save.
   """
+  start_step, mngr, total = run.start_step, run.mngr, run.schedule.total_steps
   summed, count, saved = None, 0, start_step
-  total = schedule.total_steps
   for step in range(start_step, total):
     batch = next(batches)
     if step == start_step:
-      train_step = _compile(train_step, state, batch, frozen, progress)
+      train_step = _compile(train_step, state, batch, frozen, run.progress)
     state, metrics = train_step(state, batch, *frozen)
     summed = metrics if summed is None else jax.tree.map(jnp.add, summed, metrics)
     count += 1
@@ -234,12 +264,12 @@ def run_steps(state, train_step, batches: Iterator[dict], schedule: Schedule,
     # Asked after every step on every process: the processes of a multi-host
     # run must agree on the step at which they save.
     preempted = distributed.preemption_requested(done)
-    save_now = done % schedule.save_every == 0 or done == total or preempted
-    if _report(summed, count, done, schedule, save_now, mngr, writer, progress):
+    save_now = done % run.schedule.save_every == 0 or done == total or preempted
+    if _report(summed, count, done, save_now, run):
       summed, count = None, 0
     saved = _save(mngr, state, done, saved, save_now)
     _stop_if_asked(mngr, saved, done, total, preempted)
-    _run_hooks(hooks, done, state, writer, progress)
+    _run_hooks(hooks, done, state, run.writer, run.progress)
   # The last save complete before a signal may end the process at once again.
   _saving(mngr, saved, mngr.wait_until_finished)
   distributed.training_loop_ended()

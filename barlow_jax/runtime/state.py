@@ -20,6 +20,24 @@ class TrainState:
   rng: jax.Array  # Base key; step keys are fold_in(rng, step), so resume is exact.
 
 
+def init_variables(model, image_size: int, rng: jax.Array) -> dict:
+  """``model``'s fresh variables, initialised on a dummy batch of two ``image_size``^2 RGB images.
+
+  The one initialisation of every model the package builds (training state,
+  restore targets, random-init baselines); under ``jax.eval_shape`` it gives
+  the shapes without computing anything.
+
+  Args:
+    model: a Flax module called as ``model(images, train=...)``.
+    image_size: side of the (square) network input.
+    rng: the initialisation key.
+
+  Returns:
+    {'params', 'batch_stats', ...} as ``model.init`` returns them.
+  """
+  return model.init(rng, jnp.zeros((2, image_size, image_size, 3), jnp.float32), train=False)
+
+
 def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
                        variables: Optional[dict] = None) -> TrainState:
   """The initial state of ``model``, replicated over ``mesh``.
@@ -38,8 +56,7 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
 
   @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
   def init(variables):
-    dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
-    fresh = model.init(init_rng, dummy, train=False)
+    fresh = init_variables(model, image_size, init_rng)
     params, batch_stats = dict(fresh['params']), dict(fresh['batch_stats'])
     if variables is not None:  # Modules the model lacks (a projector) are not taken.
       params.update({k: v for k, v in variables['params'].items() if k in params})

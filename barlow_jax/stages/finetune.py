@@ -9,7 +9,7 @@ on ``imagenet2012_subset/1pct`` or ``/10pct``); either way its images are
 standardised with the encoder's statistics (datasets.for_encoder). The
 architecture comes from <pretrained_workdir>/config.json and the encoder
 weights (params and BatchNorm statistics) from its Orbax checkpoint
-(stages/pretrain.load_pretrained); the projector is dropped and a new linear
+(models/pretrained.load); the projector is dropped and a new linear
 classifier reads the encoder's features. The whole network is then trained
 by the supervised stage with one branch, the classifier at its own learning
 rate (``optimizer.head_lr``), on a class-balanced ``label_fraction`` of the
@@ -26,8 +26,8 @@ from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import predict
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.stages import pretrain
 from barlow_jax.stages import supervised
 
 
@@ -64,7 +64,7 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   return result
 
 
-def probe_classifier(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+def probe_classifier(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset,
                      mesh) -> dict:
   """The classifier's first weights: a linear probe on the labelled fraction (LP-FT).
 
@@ -90,16 +90,14 @@ def probe_classifier(config, encoder: pretrain.Pretrained, dataset: datasets.Dat
   if config.label_fraction < 1.0:
     keep = pipeline.balanced_subset(out['label'], config.label_fraction, num_classes,
                                     config.fraction_seed)
-  p = config.probe
   fitted = linear_probe.fit_linear_probe(
-      out['features'][keep], out['label'][keep], num_classes, epochs=p.epochs,
-      batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, momentum=p.momentum,
-      seed=config.seed, per_feature=False)
+      out['features'][keep], out['label'][keep], num_classes,
+      linear_probe.ProbeHParams.of(config.probe, config.seed), per_feature=False)
   logging.info('Classifier initialised by a linear probe on %d labelled images.', len(keep))
   return linear_probe.as_dense(*fitted)
 
 
-def initial_variables(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+def initial_variables(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset,
                       mesh) -> dict:
   """The pretrained encoder and, with head_init 'linear_probe', the probe's classifier."""
   params = {'backbone': encoder.variables['params']['backbone']}
@@ -119,8 +117,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   """
   config_validation.validate_finetune(config)
   mesh = mesh_lib.make_mesh()
-  encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
-                                     {'data_dir': config.data_dir, 'download': config.download})
+  encoder = pretrained.load(config.pretrained_workdir, mesh, config.checkpoint_step,
+                            {'data_dir': config.data_dir, 'download': config.download})
   source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
   dataset = datasets.for_encoder(config.get('dataset') or encoder.config.dataset, encoder.config)

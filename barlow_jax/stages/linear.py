@@ -19,7 +19,6 @@ import os
 from absl import logging
 from etils import epath
 import jax
-import numpy as np
 
 from barlow_jax import config_validation
 from barlow_jax import plots
@@ -31,31 +30,30 @@ from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import metrics
 from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
+from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.runtime import workdir as workdir_lib
-from barlow_jax.stages import pretrain
 
 # results.md lists the per-class accuracy of datasets with at most this many classes.
 PER_CLASS_MAX = 20
 
 
-def load_encoder(config, mesh) -> tuple[pretrain.Pretrained, str]:
+def load_encoder(config, mesh) -> tuple[pretrained.Pretrained, str]:
   """The encoder to probe and how it was obtained (trained, or the random-init baseline)."""
   overrides = {'data_dir': config.data_dir, 'download': config.download}
   if not config.random_init:
-    encoder = pretrain.load_pretrained(config.pretrained_workdir, mesh, config.checkpoint_step,
-                                       overrides)
+    encoder = pretrained.load(config.pretrained_workdir, mesh, config.checkpoint_step, overrides)
     return encoder, f'pretrained, step {encoder.step}'
-  pretrained_config = pretrain.read_pretrained_config(config.pretrained_workdir, overrides)
+  pretrained_config = pretrained.read_config(config.pretrained_workdir, overrides)
   model = factory.create_model(pretrained_config, datasets.num_classes(pretrained_config))
-  size = pretrained_config.augment.crop_size
-  variables = model.init(jax.random.PRNGKey(config.seed),
-                         np.zeros((2, size, size, 3), np.float32), train=False)
-  return (pretrain.Pretrained(pretrained_config, model, variables, 0),
+  variables = state_lib.init_variables(model, pretrained_config.augment.crop_size,
+                                       jax.random.PRNGKey(config.seed))
+  return (pretrained.Pretrained(pretrained_config, model, variables, 0),
           'random init (same architecture)')
 
 
-def train_probe(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset, train_x,
+def train_probe(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset, train_x,
                 train_y, workdir: str, mesh):
   """The trained probe's ``predict``: on cached features, or on the fly with augmentation.
 
@@ -63,24 +61,21 @@ def train_probe(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
   (load_train_data keeps the same class-balanced subset, same labels,
   fraction and seed, as the cached features).
   """
-  p = config.probe
-  hparams = dict(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                 momentum=p.momentum, seed=config.seed)
-  if not p.augment:
-    return linear_probe.train_linear_probe(train_x, train_y, dataset.spec.num_classes, **hparams)
+  hparams = linear_probe.ProbeHParams.of(config.probe, config.seed)
+  if not config.probe.augment:
+    return linear_probe.train_linear_probe(train_x, train_y, dataset.spec.num_classes, hparams)
   data = pipeline.load_train_data(dataset, config.train_split, config.label_fraction,
                                   config.fraction_seed)
   if data.num_global != len(train_y):  # Two selections of the same subset must agree.
     raise RuntimeError(f'The augmented probe sees {data.num_global} training examples, the '
                        f'cached features {len(train_y)}.')
-  mean, std = linear_probe.feature_standardizer(train_x)
   return linear_probe.train_augmented_probe(
-      encoder.config, encoder.model, encoder.variables, data, augment.view_from_config(p.view),
-      mean, std, workdir, mesh=mesh, **hparams)
+      encoder, data, augment.view_from_config(config.probe.view),
+      linear_probe.feature_standardizer(train_x), workdir, hparams, mesh)
 
 
-def _features(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset, split: str, mesh,
-              view=None):
+def _features(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset, split: str,
+              mesh, view=None):
   fn = predict.make_predict_fn(encoder.config, encoder.model, view, outputs=('features',),
                                spec=dataset.spec)
   out = predict.predict_split(dataset, fn, encoder.variables, split, config.batch_size,
@@ -105,7 +100,7 @@ def record_config(config, workdir: str, allow_config_change: bool) -> None:
   workdir_lib.record_start(workdir, config, resume_step, differences)
 
 
-def probe_dataset(config, encoder: pretrain.Pretrained, dataset: datasets.Dataset,
+def probe_dataset(config, encoder: pretrained.Pretrained, dataset: datasets.Dataset,
                   test_split: str, workdir: str, mesh):
   """kNN and the linear probe of the frozen ``encoder`` on one dataset.
 

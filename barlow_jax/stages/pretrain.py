@@ -13,12 +13,10 @@ trainer's (trainer.py).
 
 import functools
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from etils import epath
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from barlow_jax import config_validation
@@ -29,11 +27,11 @@ from barlow_jax.data import augment
 from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import knn_monitor
+from barlow_jax.evaluators import predict
 from barlow_jax.models import factory
-from barlow_jax.runtime import checkpoint
 from barlow_jax.runtime import distributed
 from barlow_jax.runtime import mesh as mesh_lib
-from barlow_jax.runtime import workdir as workdir_lib
+from barlow_jax.runtime import state as state_lib
 from barlow_jax.runtime.mesh import DATA_AXIS
 from barlow_jax.runtime.state import TrainState
 
@@ -83,8 +81,8 @@ def run(config, workdir: str, allow_config_change: bool = False) -> TrainState:
   # exits before anything is compiled), then once.
   two_views = functools.cache(lambda: make_two_view_fn(config, dataset))
   hooks.append(make_image_hook(two_views, config.checkpoint.every_steps, length.total_steps))
-  state = trainer.fit(config, workdir, model, make_loss_fn(model, config.lambd), data, mesh,
-                      num_views=2, console_keys=CONSOLE_KEYS, hooks=[h for h in hooks if h],
+  task = trainer.Task(model, make_loss_fn(model, config.lambd), 2, CONSOLE_KEYS)
+  state = trainer.fit(config, workdir, task, data, mesh, hooks=[h for h in hooks if h],
                       allow_config_change=allow_config_change)
   if jax.process_index() == 0:
     final = two_views()({'params': state.params, 'batch_stats': state.batch_stats},
@@ -105,41 +103,37 @@ def make_two_view_fn(config, dataset: datasets.Dataset, num_images: int = 256):
   """``fn(variables, step) -> TwoViews`` on the first ``num_images`` test images.
 
   ``variables`` is {'params', 'batch_stats'} (of a TrainState or
-  load_pretrained), replicated over a mesh; ``step`` only labels the result.
+  models/pretrained.load), replicated over a mesh; ``step`` only labels the result.
   The images are ``dataset``'s (datasets.resolve), of its test split.
 
   The images and the augmentation keys are fixed, so the views are the same
-  at every call and C changes only with the weights. BatchNorm runs in
-  inference mode, on this process's first device (compiled once, here).
+  at every call and C changes only with the weights. Each view is the
+  evaluators' ``predict`` (BatchNorm in inference mode) on this process's
+  first device, compiled once, here.
   """
   spec = dataset.spec
   batch = next(pipeline.eval_batches(dataset.builder, spec, spec.test_split, num_images))
   images = batch['image'][batch['mask']]
   model = factory.create_model(config, spec.num_classes)
-  aug = config.augment
-  views = [augment.view_from_config(aug.view1), augment.view_from_config(aug.view2)]
+  views = [augment.view_from_config(config.augment.view1),
+           augment.view_from_config(config.augment.view2)]
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
-  mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
-
-  @jax.jit  # Both views and C in one program: one compile.
-  def correlate(variables, images):
-    inputs = [augment.model_inputs(images, key, view, aug.crop_size, mean, std,
-                                   jnp.dtype(config.model.dtype)) for key, view in zip(keys, views)]
-    z1, z2 = (model.apply(variables, x, train=False)['embeddings'] for x in inputs)
-    shown = [jnp.clip(x.astype(jnp.float32) * std + mean, 0.0, 1.0) for x in inputs]
-    return losses.cross_correlation(z1, z2), shown[0], shown[1]
-
-  # Compiled here, once: callers may wait for it (make_image_hook).
-  size = aug.crop_size
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((2, size, size, 3)), train=False))
+  abstract = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
+                                                            jax.random.PRNGKey(0)))
   abstract = {k: abstract[k] for k in ('params', 'batch_stats')}
-  compiled = correlate.lower(abstract, images).compile()
+  fns = [predict.make_predict_fn(config, model, view, ('embeddings', predict.INPUTS), spec=spec)
+         for view in views]
+  # Compiled here, once: callers may wait for it (make_image_hook).
+  compiled = [fn.lower(abstract, images, key).compile() for fn, key in zip(fns, keys)]
+  z = jax.eval_shape(fns[0], abstract, images, keys[0])['embeddings']
+  correlate = jax.jit(losses.cross_correlation).lower(z, z).compile()
 
   def two_views(variables: dict, step: int) -> TwoViews:
     local = lambda x: x.addressable_data(0)  # Replicated: every device holds all of it.
     variables = {k: jax.tree.map(local, variables[k]) for k in ('params', 'batch_stats')}
-    c, view1, view2 = jax.device_get(compiled(variables, images))
+    out1, out2 = (fn(variables, images, key) for fn, key in zip(compiled, keys))
+    c = correlate(out1['embeddings'], out2['embeddings'])
+    c, view1, view2 = jax.device_get((c, out1[predict.INPUTS], out2[predict.INPUTS]))
     return TwoViews(np.asarray(c), np.asarray(view1), np.asarray(view2), step)
 
   return two_views
@@ -183,50 +177,3 @@ def write_cross_correlation_png(sample: TwoViews, path: str, max_dim: int = 128)
   first = f', first {max_dim} of {c.shape[0]} dims' if c.shape[0] > max_dim else ''
   plots.cross_correlation_png(c[:max_dim, :max_dim], path,
                               f'C of {len(sample.view1)} test images, step {sample.step}{first}')
-
-
-class Pretrained(NamedTuple):
-  """A pretraining run's encoder, read back from its workdir."""
-  config: ml_collections.ConfigDict  # The run's recorded config.
-  model: factory.BarlowTwinsModel  # Without axis_name: for inference.
-  variables: dict  # {'params', 'batch_stats'}, replicated over the mesh.
-  step: int
-
-
-def read_pretrained_config(workdir: str, data_overrides: Optional[dict] = None):
-  """The config a pretraining run recorded, with the non-None ``data_overrides`` applied.
-
-  Raises:
-    WorkdirError: no config.json, or the workdir of another mode.
-  """
-  config = workdir_lib.read_config(workdir, 'pretraining', mode='pretrain',
-                                   key='pretrained_workdir')
-  for key, value in (data_overrides or {}).items():
-    if value is not None:  # The data may live elsewhere now.
-      config[key] = value
-  return config
-
-
-def load_pretrained(workdir: str, mesh, step: Optional[int] = None,
-                    data_overrides: Optional[dict] = None) -> Pretrained:
-  """The model and weights of the pretraining run in ``workdir`` (opened read-only).
-
-  Args:
-    workdir: a pretraining workdir (config.json + checkpoints/).
-    mesh: where to place the variables.
-    step: the checkpoint step; None for the latest.
-    data_overrides: {'data_dir': ..., 'download': ...} values that are not
-      None replace the recorded ones (the data may live elsewhere now).
-
-  Raises:
-    WorkdirError: no config.json, or the workdir of another mode (a supervised
-      run, a probe, ...).
-    CheckpointError: no such checkpoint, unreadable, or not this architecture.
-  """
-  config = read_pretrained_config(workdir, data_overrides)
-  model = factory.create_model(config, datasets.num_classes(config))
-  size = config.augment.crop_size
-  expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               jnp.zeros((2, size, size, 3)), train=False))
-  variables, step = checkpoint.restore_variables(workdir, expected, mesh, step)
-  return Pretrained(config, model, variables, step)

@@ -230,9 +230,10 @@ def run(config, workdir: str, init_variables: Optional[dict] = None,
   data = load_data(config, dataset)
   num_train = data.num_global
   total_steps = trainer.Length.of(config, num_train).total_steps
-  state = trainer.fit(config, workdir, model, make_loss_fn(model, config.gamma, config.lambd),
-                      data, mesh, num_views=config.num_branches, console_keys=CONSOLE_KEYS,
-                      init_variables=init_variables, allow_config_change=allow_config_change)
+  task = trainer.Task(model, make_loss_fn(model, config.gamma, config.lambd),
+                      config.num_branches, CONSOLE_KEYS)
+  state = trainer.fit(config, workdir, task, data, mesh, init_variables=init_variables,
+                      allow_config_change=allow_config_change)
   writer = writers.create(workdir, config)
   try:
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
