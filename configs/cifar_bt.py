@@ -48,11 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.stem = 'cifar'  # 'cifar': 3x3/1 conv, no max-pool; 'imagenet': 7x7/2 + pool.
   config.model.projector = '8192-8192'  # Linear-BN-ReLU between layers, last Linear plain.
   config.model.dtype = 'float32'  # Activations; 'bfloat16' on TPU. C is always float32.
-  # CPU convolutions: 'xla', 'auto' (oneDNN's where the [onednn] extra loads, else XLA's) or
-  # 'onednn' (an error where it cannot load). Same results; GPU/TPU use XLA's. XLA's stays the
-  # default until oneDNN's known hang is fixed (a run can stop progressing inside a oneDNN
-  # kernel; docs/onednn.md, "Known problem").
-  config.model.conv = 'xla'
+  # CPU convolutions: 'auto' (oneDNN's where the [onednn] extra loads, else XLA's), 'xla' or
+  # 'onednn' (an error where it cannot load). Same results; GPU/TPU use XLA's (docs/onednn.md).
+  config.model.conv = 'auto'
 
   config.lambd = 0.0051  # Weight of the off-diagonal term.
   config.batch_size = 64  # Global, over all devices and processes.

@@ -107,7 +107,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.feature_dim = 2048  # Encoder output mapped to this many units (§4.2.1).
   config.model.embedding = '2048-128'  # Embedding head: Linear-ReLU-Linear.
   config.model.dtype = 'float32'
-  config.model.conv = 'xla'  # CPU convolutions: 'xla' | 'auto' | 'onednn' (docs/onednn.md).
+  config.model.conv = 'auto'  # CPU convolutions: 'auto' | 'xla' | 'onednn' (docs/onednn.md).
 
   config.num_branches = 2  # Two weight-shared branches (Siamese, §4.2.2).
   config.gamma = 1e-3  # Weight of the BT term; 0 is the cross-entropy baseline.

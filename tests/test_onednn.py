@@ -14,6 +14,8 @@ import functools
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +75,7 @@ def _assert_close(got, want, rtol):
     (4, 9, 3, 8, 3, (1, 1), 'SAME'),               # CIFAR stem: 3 input channels.
     (4, 8, 8, 16, 3, (2, 2), ((1, 1), (1, 1))),    # A ResNet stage's first conv, as flax pads it.
     (4, 8, 16, 32, 1, (2, 2), 'VALID'),            # The projection of a residual.
+    (4, 8, 4, 8, 1, (2, 2), ((0, 1), (1, 0))),     # Fewer channels than oneDNN's block, padded.
     (2, 15, 3, 8, 7, (2, 2), ((3, 3), (3, 3))),    # ImageNet stem, odd side.
     (2, 9, 5, 6, 3, (2, 1), [(0, 2), (1, 0)]),     # Unequal strides, asymmetric lists.
     (2, 8, 64, 64, 1, (1, 1), 'SAME'),             # Bottleneck 1x1.
@@ -92,6 +95,48 @@ def test_forward_and_gradients_equal_xla(batch, side, cin, cout, kernel, strides
   want = _grads(lax.conv_general_dilated, x, w, out_grad, strides, padding)
   for g, r in zip(got, want):
     _assert_close(g, r, 1e-5)
+
+
+# Run in a subprocess with one device and 2 OpenMP threads per call, where
+# oneDNN 3.2's own strided 1x1 path spins for ever (kernels/onednn._subsampled).
+_SHORTCUT_GRADIENTS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from barlow_jax.kernels import onednn
+onednn.load()
+rng = np.random.default_rng(0)
+# ResNet CIFAR width 4's first projection shortcut: ReLU'd activations, 4 -> 8 channels, stride 2.
+x = jnp.asarray(np.maximum(rng.standard_normal((16, 32, 32, 4)), 0), jnp.float32)
+w = jnp.asarray(rng.standard_normal((1, 1, 4, 8)), jnp.float32)
+dy = jnp.asarray(rng.standard_normal((16, 16, 16, 8)), jnp.float32)
+def grads(conv):
+  return jax.jit(lambda x, w: jax.vjp(conv, x, w)[1](dy))
+ours = grads(lambda x, w: onednn.conv2d(x, w, (2, 2), ((0, 0), (0, 0))))
+want = grads(lambda x, w: lax.conv_general_dilated(x, w, (2, 2), 'VALID',
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w)
+for scale in range(1, 21):  # Whether it hangs depends on the values: several.
+  dx, dw = ours(x * scale, w)
+  # d/dx does not depend on x, d/dw is linear in it.
+  for name, got, ref in (('dx', dx, want[0]), ('dw', dw, want[1] * scale)):
+    err = float(jnp.max(jnp.abs(got - ref)))
+    assert err <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(ref)))), (scale, name, err)
+print('ok')
+"""
+
+
+@needs_onednn
+def test_strided_1x1_gradients_with_two_threads_finish_and_are_right():
+  # Before kernels/onednn._subsampled, oneDNN's backward-weights pass spun at
+  # 100% CPU for ever here (or returned wrong kernel gradients): the hang of
+  # the diverging and kill -9 CLI runs (docs/onednn.md).
+  environ = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='1',
+                 **{onednn.THREADS_ENV: '2'})
+  try:
+    result = subprocess.run([sys.executable, '-c', _SHORTCUT_GRADIENTS], env=environ,
+                            capture_output=True, text=True, timeout=90)
+  except subprocess.TimeoutExpired:
+    pytest.fail('the gradients of a strided 1x1 convolution did not finish in 90 s')
+  assert result.returncode == 0 and result.stdout.strip() == 'ok', result.stderr[-3000:]
 
 
 @needs_onednn

@@ -278,6 +278,30 @@ def _varying_as(x: jax.Array, axes: frozenset) -> jax.Array:
   return jax.lax.pcast(x, missing, to='varying') if missing else x
 
 
+def _subsampled(x: jax.Array, strides: tuple[int, int], padding: Pairs,
+                out_hw: tuple[int, int]) -> jax.Array:
+  """The pixels a strided 1x1 convolution reads: ``x`` padded, then every stride-th row and column.
+
+  A 1x1 convolution with strides s and padding p equals the stride-1, unpadded
+  one on this. oneDNN 3.2's own version of this copy ("reduce to unit stride")
+  is broken for NHWC: its backward-weights pass, with fewer input channels
+  than its channel block (8 with AVX2, 16 with AVX-512), writes the copy past
+  its workspace, over the barrier that joins the OpenMP threads of the
+  reduction (uxlfoundation/oneDNN#6035). With 2 threads the call then spins
+  for ever whenever the overwritten bytes are not zero (the ReLU'd
+  activations of a ResNet's first projection shortcut, ResNet CIFAR width 4:
+  4 -> 8 channels, stride 2), or returns wrong kernel gradients; with 1 thread
+  it writes past the end. Doing the copy here (one XLA slice, its gradient a
+  scatter XLA fuses) means oneDNN never takes that path.
+  """
+  (lh, hh), (lw, hw) = padding
+  x = jnp.pad(x, ((0, 0), (lh, hh), (lw, hw), (0, 0)))
+  return jax.lax.slice(x, (0, 0, 0, 0),
+                       (x.shape[0], (out_hw[0] - 1) * strides[0] + 1,
+                        (out_hw[1] - 1) * strides[1] + 1, x.shape[3]),
+                       (1, strides[0], strides[1], 1))
+
+
 def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pairs) -> jax.Array:
   """NHWC x HWIO -> NHWC convolution with explicit (low, high) padding, in float32.
 
@@ -286,10 +310,14 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pairs)
   ``load()`` first. Inside ``shard_map`` both operands are made varying over
   the mesh axes of either: a replicated kernel then gets its gradient summed
   over devices by the transpose of that cast (one psum), as XLA's own
-  convolution does.
+  convolution does. Strided 1x1 convolutions are given to oneDNN as
+  stride-1 ones on the subsampled input (``_subsampled`` says why).
   """
   axes = _varying_axes(x) | _varying_axes(w)
   x, w = _varying_as(x, axes), _varying_as(w, axes)
   strides = tuple(int(s) for s in strides)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if w.shape[:2] == (1, 1) and strides != (1, 1):
+    out_hw = output_shape(x.shape, w.shape, strides, padding)[1:3]
+    x, strides, padding = _subsampled(x, strides, padding, out_hw), (1, 1), ((0, 0), (0, 0))
   return _conv(x.astype(jnp.float32), w.astype(jnp.float32), strides, padding)
