@@ -27,9 +27,12 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # same tiny train step, and a cache hit costs a fraction of a second instead of
 # a compile. Compiled programs are keyed by their HLO, devices and flags, so a
 # hit is the same program; no test measures compile time.
-_CACHE_DIR = tempfile.mkdtemp(prefix='barlow_jax_test_cache_')
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+# pytest-xdist's workers inherit the controller's environment: one cache for all.
+_CACHE_DIR = os.environ.get('BARLOW_JAX_TEST_CACHE_DIR')
+if not _CACHE_DIR:
+  _CACHE_DIR = tempfile.mkdtemp(prefix='barlow_jax_test_cache_')
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+os.environ.update(BARLOW_JAX_TEST_CACHE_DIR=_CACHE_DIR, JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 

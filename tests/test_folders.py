@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import re
+import socket
+import sys
 
 import jax
 import numpy as np
@@ -26,7 +28,8 @@ from barlow_jax.data import host_crop
 from barlow_jax.data import pipeline
 from barlow_jax.data import augment
 from barlow_jax.stages import linear
-from conftest import pretraining_workdir, snapshot, tiny_config
+import cli_runs
+from conftest import REPO, pretraining_workdir, snapshot, tiny_config
 
 CLASSES = ('cat', 'dog')
 # Per class: 20 train images, 8 test; sizes differ; every third one PNG.
@@ -225,6 +228,38 @@ def test_each_process_reads_a_disjoint_share_of_a_folder(folder, monkeypatch):
     shares.append(set(ids.tolist()))
   assert not shares[0] & shares[1]
   assert len(shares[0]) + len(shares[1]) == len(files['train'])
+
+
+def test_two_processes_prepare_a_folder_once_stop_together_and_read_disjoint_shares(tmp_path):
+  """Two real JAX processes (tests/folder_process.py) resolve one folder, as every stage does.
+
+  With bad_images='fatal', process 0 stops on the undecodable file while
+  preparing, and process 1 stops with it (it used to wait for process 0 at a
+  barrier); with 'skip', process 0 prepares the copy and each process reads
+  its own half of the training images.
+  """
+  root = tmp_path / 'images'
+  files = write_folder(str(root))
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs = [cli_runs.start([sys.executable, str(REPO / 'tests' / 'folder_process.py'), str(port),
+                           str(i), str(root), str(tmp_path / 'data_dir')], cli_runs.env())
+           for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=180)
+      assert proc.returncode == 0, err[-3000:]
+      outputs.append([line for line in out.splitlines() if line.startswith(('refused', 'share'))])
+  finally:
+    for proc in procs:
+      cli_runs.kill_group(proc)
+  assert [o[0] for o in outputs] == ['refused ConfigError', 'refused WorkdirError'], outputs
+  shares = [set(o[1].split()[1:]) for o in outputs]
+  assert shares[0] and shares[1] and not shares[0] & shares[1]
+  assert len(shares[0] | shares[1]) == len(files['train'])
+  assert abs(len(shares[0]) - len(shares[1])) <= 1
 
 
 def test_the_folder_stream_resumes_exactly(folder):

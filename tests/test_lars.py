@@ -23,7 +23,12 @@ STEPS_PER_EPOCH = 2
 NUM_EPOCHS = 25
 WARMUP_EPOCHS = 10  # Hard-coded in the official adjust_learning_rate.
 TOTAL_STEPS = NUM_EPOCHS * STEPS_PER_EPOCH
-RTOL = 1e-5
+# float32 parameters against the float64 transcription, over 50 steps: the
+# largest difference seen is 2.7e-5 of a value (a projector bias at step 19)
+# when XLA compiles without LLVM's optimisations (conftest.TEST_XLA_FLAGS: no
+# fused multiply-adds), under 1e-5 with them. The float64 run below is the
+# strict comparison.
+RTOL = 3e-5
 
 
 # --- The official algorithm, transcribed to NumPy -------------------------------------------

@@ -38,7 +38,6 @@ import re
 from typing import Optional
 
 from absl import logging
-import jax
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -212,7 +211,9 @@ def prepare(root: str, data_dir: Optional[str], bad_images: str = 'skip') -> Pre
 
   Raises:
     ConfigError: as scan; an undecodable file with ``bad_images='fatal'``
-      (named; nothing is kept of the copy); an unknown ``bad_images``.
+      (named; nothing is kept of the copy); an unknown ``bad_images``. On the
+      other processes of a run, WorkdirError when process 0 stopped on one
+      (distributed.agree).
   """
   if bad_images not in BAD_IMAGES:
     raise ConfigError(f'config.bad_images={bad_images!r} is not one of {list(BAD_IMAGES)}.')
@@ -221,7 +222,10 @@ def prepare(root: str, data_dir: Optional[str], bad_images: str = 'skip') -> Pre
   where = copy_dir(root, folder.fingerprint, data_dir)
   builder = ImageFolderCopy(folder=folder, bad_images=bad_images, data_dir=where)
   info_file = os.path.join(where, _INFO_FILE)
-  if jax.process_index() == 0 and not builder.is_prepared():
+
+  def prepare_once() -> int:
+    if builder.is_prepared():
+      return 0
     logging.info('Preparing %s (%s) into %s.', root,
                  ', '.join(f'{s}: {len(f)} images' for s, f in folder.files.items()), where)
     try:
@@ -236,7 +240,14 @@ def prepare(root: str, data_dir: Optional[str], bad_images: str = 'skip') -> Pre
     with open(info_file, 'w') as f:
       json.dump({'root': root, 'fingerprint': folder.fingerprint, 'skipped': builder.skipped,
                  'ignored': folder.ignored}, f, indent=1)
-  distributed.wait_for_all_processes(f'folder_prepared_{folder.fingerprint}')
+    return 0
+
+  # Process 0 prepares; the others wait for it, and stop too (exit 2) when it
+  # stops on a bad image, instead of waiting for it at a barrier for ever.
+  distributed.agree(prepare_once, f'preparing {PREFIX}{root}')
+  # Made again: a builder made before process 0 wrote the copy (on the
+  # processes that waited) keeps the empty splits it read then.
+  builder = ImageFolderCopy(folder=folder, bad_images=bad_images, data_dir=where)
   with open(info_file) as f:
     skipped = json.load(f)['skipped']
   if skipped:
