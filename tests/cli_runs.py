@@ -9,6 +9,7 @@ import contextlib
 import glob
 import os
 import signal
+import socket
 import subprocess
 import re
 import sys
@@ -104,6 +105,35 @@ def run(cmd: list[str], environ: dict, timeout: float) -> subprocess.CompletedPr
   finally:
     kill_group(proc)  # Stragglers, e.g. processes of the launcher.
   return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for a JAX coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_processes(script: str, args: list[list[str]], environ: dict,
+                  timeout: float) -> list[tuple[str, str]]:
+  """Runs ``tests/<script> <args[i]...>`` as len(args) processes at once; (stdout, stderr) of each.
+
+  Fails the test when one exits non-zero or is still running after ``timeout``
+  (a process waiting for another at a barrier); kills them all either way.
+  """
+  procs = [start([sys.executable, str(REPO / 'tests' / script), *a], environ) for a in args]
+  outputs = []
+  try:
+    for proc in procs:
+      out, err = proc.communicate(timeout=timeout)
+      assert proc.returncode == 0, err[-3000:]
+      outputs.append((out, err))
+  except subprocess.TimeoutExpired:
+    raise AssertionError(f'{script}: a process still running after {timeout} s') from None
+  finally:
+    for proc in procs:
+      kill_group(proc)
+  return outputs
 
 
 class StreamingRun:

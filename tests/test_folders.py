@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import re
-import socket
-import sys
 
 import jax
 import numpy as np
@@ -29,7 +27,7 @@ from barlow_jax.data import pipeline
 from barlow_jax.data import augment
 from barlow_jax.stages import linear
 import cli_runs
-from conftest import REPO, pretraining_workdir, snapshot, tiny_config
+from conftest import pretraining_workdir, snapshot, tiny_config
 
 CLASSES = ('cat', 'dog')
 # Per class: 20 train images, 8 test; sizes differ; every third one PNG.
@@ -240,21 +238,11 @@ def test_two_processes_prepare_a_folder_once_stop_together_and_read_disjoint_sha
   """
   root = tmp_path / 'images'
   files = write_folder(str(root))
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  procs = [cli_runs.start([sys.executable, str(REPO / 'tests' / 'folder_process.py'), str(port),
-                           str(i), str(root), str(tmp_path / 'data_dir')], cli_runs.env())
-           for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      out, err = proc.communicate(timeout=180)
-      assert proc.returncode == 0, err[-3000:]
-      outputs.append([line for line in out.splitlines() if line.startswith(('refused', 'share'))])
-  finally:
-    for proc in procs:
-      cli_runs.kill_group(proc)
+  port = cli_runs.free_port()
+  outputs = [[line for line in out.splitlines() if line.startswith(('refused', 'share'))]
+             for out, _ in cli_runs.run_processes(
+                 'folder_process.py', [[str(port), str(i), str(root), str(tmp_path / 'data_dir')]
+                                       for i in range(2)], cli_runs.env(), timeout=180)]
   assert [o[0] for o in outputs] == ['refused ConfigError', 'refused WorkdirError'], outputs
   shares = [set(o[1].split()[1:]) for o in outputs]
   assert shares[0] and shares[1] and not shares[0] & shares[1]

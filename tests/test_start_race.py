@@ -9,40 +9,20 @@ Orbax's ``sync_global_devices name mismatch ('CheckpointManager:create_directory
 (and two times in three unprovoked, through launch/local_multiprocess.sh).
 """
 
-import socket
-import subprocess
-import sys
-
-import pytest
-
 import cli_runs
-from conftest import REPO
 
 _DELAY_S = 3.0  # Longer than the other process takes to create checkpoints/ and save.
 
 
 def _start(workdir, delayed: int) -> list[str]:
   """Each process's last output line, after both exited 0."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  procs = [cli_runs.start([sys.executable, str(REPO / 'tests' / 'start_process.py'), str(port),
-                           str(i), str(workdir), str(delayed), str(_DELAY_S)],
-                          cli_runs.env(devices=2))
-           for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      out, err = proc.communicate(timeout=120)
-      assert proc.returncode == 0, err[-3000:]
-      assert 'mismatch' not in err and 'read only' not in err, err[-3000:]
-      outputs.append(out.splitlines()[-1])  # After gloo's connection notices.
-  except subprocess.TimeoutExpired:
-    pytest.fail('a start-up process hung')
-  finally:
-    for proc in procs:
-      cli_runs.kill_group(proc)
-  return outputs
+  port = cli_runs.free_port()
+  outputs = cli_runs.run_processes(
+      'start_process.py', [[str(port), str(i), str(workdir), str(delayed), str(_DELAY_S)]
+                           for i in range(2)], cli_runs.env(devices=2), timeout=120)
+  for _, err in outputs:
+    assert 'mismatch' not in err and 'read only' not in err, err[-3000:]
+  return [out.splitlines()[-1] for out, _ in outputs]  # After gloo's connection notices.
 
 
 def test_start_is_agreed_whichever_process_is_late(tmp_path):
