@@ -26,6 +26,7 @@ from barlow_jax.data import datasets
 from barlow_jax.data import pipeline
 from barlow_jax.evaluators import linear_probe
 from barlow_jax.evaluators import predict
+from barlow_jax.models import factory
 from barlow_jax.models import pretrained
 from barlow_jax.runtime import mesh as mesh_lib
 from barlow_jax.stages import supervised
@@ -54,7 +55,7 @@ def supervised_config(config, pretrained_config) -> ml_collections.ConfigDict:
   m = pretrained_config.model
   result.model = ml_collections.ConfigDict({
       'encoder': m.encoder, 'width': m.width, 'stem': m.stem, 'dtype': m.dtype,
-      'conv': m.get('conv', 'xla'),  # Absent from configs recorded before it existed.
+      'conv': factory.conv_backend(m),
       'feature_dim': 0,  # The classifier reads the encoder output, as in the paper.
       'embedding': ''})
   result.augment.crop_size = pretrained_config.augment.crop_size
