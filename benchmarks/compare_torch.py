@@ -13,7 +13,7 @@ benchmarks/torch_step.py is the official module and loss, torch CPU,
 channels_last, 2 threads (or 1). The jax sides use config.model.conv ('auto':
 oneDNN's convolutions where they load) unless named for one (jax_xla,
 jax_onednn; docs/onednn.md), and oneDNN's default OpenMP team per call
-unless named for one (_1omp, _2omp). Both: ResNet-18 with the CIFAR stem at
+unless named for one (_1omp, _2omp; _passive: OMP_WAIT_POLICY=PASSIVE). Both: ResNet-18 with the CIFAR stem at
 config.model.width, config.model.projector, config.batch_size, lambda, and
 momentum SGD with config.optimizer's momentum and weight decay. The sides take
 turns, ``--rounds`` rounds of ``--steps`` steps, the order rotating, so all see
@@ -59,6 +59,9 @@ SIDES = {
     'jax_onednn': ('benchmarks.jax_step', ['--config.model.conv=onednn'], {}),
     'jax_onednn_1omp': ('benchmarks.jax_step', ['--config.model.conv=onednn'],
                         {'BARLOW_JAX_ONEDNN_THREADS': '1'}),
+    # libgomp's idle threads sleep at once instead of spinning first.
+    'jax_onednn_passive': ('benchmarks.jax_step', ['--config.model.conv=onednn'],
+                           {'OMP_WAIT_POLICY': 'PASSIVE'}),
     'jax_8dev_xla': ('benchmarks.jax_step', ['--devices=8', '--config.model.conv=xla'], {}),
     'jax_8dev_onednn': ('benchmarks.jax_step', ['--devices=8', '--config.model.conv=onednn'], {}),
     'jax_8dev_onednn_2omp': ('benchmarks.jax_step', ['--devices=8', '--config.model.conv=onednn'],

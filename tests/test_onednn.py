@@ -296,6 +296,25 @@ def test_auto_falls_back_to_xla_with_one_log_line_when_onednn_cannot_load(monkey
     conv.resolve_backend.cache_clear()
 
 
+@pytest.mark.parametrize('value, want', [(None, 'default'), ('3', 3), (' 1 ', 1), ('0', None),
+                                         ('two', None), ('-2', None), ('1.5', None)])
+def test_threads_per_call_default_to_cores_per_device_and_reject_a_bad_setting(
+    monkeypatch, value, want):
+  # The default measured best (docs/onednn.md, "Threads"): both cores with one
+  # device, one thread per call with 8 (the tests' fake devices).
+  if value is None:
+    monkeypatch.delenv(onednn.THREADS_ENV, raising=False)
+    cores, devices = len(os.sched_getaffinity(0)), jax.local_device_count('cpu')
+    assert onednn.threads_per_call() == max(1, cores // devices)
+  elif want is None:
+    monkeypatch.setenv(onednn.THREADS_ENV, value)
+    with pytest.raises(onednn.Unavailable, match=f"{onednn.THREADS_ENV}='{value}' is not"):
+      onednn.threads_per_call()
+  else:
+    monkeypatch.setenv(onednn.THREADS_ENV, value)
+    assert onednn.threads_per_call() == want
+
+
 @needs_onednn
 def test_a_broken_cached_build_is_built_again(tmp_path, monkeypatch):
   good = pathlib.Path(onednn.load()._name)  # The library this session uses.

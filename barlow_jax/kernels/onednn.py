@@ -142,15 +142,23 @@ def _open(path: pathlib.Path) -> ctypes.CDLL:
   return lib
 
 
-def _threads_per_call() -> int:
+def threads_per_call() -> int:
   """The OpenMP team of each call: $BARLOW_JAX_ONEDNN_THREADS, else cores / local CPU devices.
 
   XLA runs the programs of its CPU devices at once (8 fake devices in the
   tests), each calling oneDNN from its own thread; a team per call as large as
-  the machine would oversubscribe the cores (docs/onednn.md measures it).
+  the machine oversubscribes the cores. Measured (docs/onednn.md, "Threads"):
+  with one device a team of both cores beat one thread, with 8 devices one
+  thread per call beat two.
+
+  Raises:
+    Unavailable: the variable is set to something other than a positive integer.
   """
-  if os.environ.get(THREADS_ENV):
-    return int(os.environ[THREADS_ENV])
+  value = os.environ.get(THREADS_ENV, '').strip()
+  if value:
+    if not value.isdigit() or int(value) < 1:
+      raise Unavailable(f'{THREADS_ENV}={value!r} is not a positive whole number of threads')
+    return int(value)
   cores = len(os.sched_getaffinity(0))
   return max(1, cores // max(1, jax.local_device_count('cpu')))
 
@@ -213,7 +221,7 @@ def load() -> ctypes.CDLL:
         lib = _open(target)
       except OSError as e:
         raise Unavailable(f'the built {target} does not load: {e}') from None
-  lib.barlow_onednn_set_threads(_threads_per_call())
+  lib.barlow_onednn_set_threads(threads_per_call())
   if not _registered:  # XLA keeps the first handler of a name for the process.
     for name, symbol in _TARGETS.items():
       jax.ffi.register_ffi_target(_PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)),

@@ -129,7 +129,8 @@ def resolve_backend(backend: str) -> str:
     return 'xla'
   reason = onednn_unavailable_reason()
   if reason is None:
-    logging.info('CPU convolutions: oneDNN %s (kernels/onednn.py).', onednn.version())
+    logging.info('CPU convolutions: oneDNN %s (kernels/onednn.py), %d OpenMP thread(s) per call.',
+                 onednn.version(), onednn.threads_per_call())
     return 'onednn'
   if backend == 'onednn':
     raise onednn.Unavailable(reason)
