@@ -54,12 +54,7 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
   """
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
 
-  # Runs once, in ~0.1 s; on CPU, LLVM's optimisation of its ~55 initialiser
-  # RNG programs took 9.0 s of the quick start's start-up, unoptimised 1.5 s.
-  # (Accelerators keep their defaults: the option is XLA:CPU's.)
-  cpu = mesh.devices.flat[0].platform == 'cpu'
-  @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh),
-                     compiler_options={'xla_backend_optimization_level': 0} if cpu else None)
+  @functools.partial(jax.jit, out_shardings=mesh_lib.replicated(mesh))
   def init(variables):
     fresh = init_variables(model, image_size, init_rng)
     params, batch_stats = dict(fresh['params']), dict(fresh['batch_stats'])
@@ -70,4 +65,12 @@ def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
     return TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), rng=state_rng)
 
+  # Runs once, in ~0.1 s; on CPU, LLVM's optimisation of its ~55 initialiser
+  # RNG programs took 9.0 s of the quick start's start-up, unoptimised 1.5 s.
+  # Accelerators keep their defaults (the option is XLA:CPU's); under a trace
+  # (jax.eval_shape of this function: restore targets) nothing is compiled,
+  # and jit refuses compiler options on a nested jit.
+  traced = isinstance(jnp.zeros(()), jax.core.Tracer)
+  if mesh.devices.flat[0].platform == 'cpu' and not traced:
+    return init.lower(variables).compile({'xla_backend_optimization_level': 0})(variables)
   return init(variables)
