@@ -236,8 +236,7 @@ def convert_variables(state: dict, expected: dict, encoder: str = ENCODER) -> di
 def expected_variables(config) -> dict:
   """Shapes of {'params', 'batch_stats'} of the model ``config`` describes (nothing computed)."""
   model = factory.create_model(config, datasets.num_classes(config))
-  return jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
-                                                         jax.random.PRNGKey(0)))
+  return state_lib.variable_shapes(model, config.augment.crop_size)
 
 
 def _check_workdir(workdir: str) -> None:

@@ -51,8 +51,7 @@ def test_notebook_runs_on_a_tiny_workdir_and_draws_everything(tmp_path):
   tables = _outputs(nb, 'text/markdown')
   # The parameter table sums to the model's size, counted here from its init.
   model = factory.create_model(config, datasets.num_classes(config))
-  shapes = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
-                                                           jax.random.PRNGKey(0)))
+  shapes = state_lib.variable_shapes(model, config.augment.crop_size)
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
   assert any('| parameter | shape | count |' in t and f'{total:,} parameters' in t for t in tables)
   bn_layers = len(jax.tree.leaves(shapes['batch_stats'])) // 2

@@ -164,8 +164,9 @@ def encoder_stats(config) -> dict:
                     '(written by the stage that resolved it).')
 
 
-def for_encoder(name: str, encoder_config) -> Dataset:
-  """``name`` resolved for the encoder a pretraining config describes (probe, fine-tuning).
+def for_encoder(name: Optional[str], encoder_config) -> Dataset:
+  """``name`` (None: the encoder's own dataset) resolved for the encoder a pretraining config
+  describes (probe, fine-tuning, transfer).
 
   Where the data is, and how bad folder images are treated, come from
   ``encoder_config`` (with the evaluation stage's data_dir and download
@@ -175,13 +176,14 @@ def for_encoder(name: str, encoder_config) -> Dataset:
   ImageNet's. Variable-size images are cut at the encoder's crop size.
 
   Args:
-    name: the dataset to evaluate on (config.dataset of the pretraining run, or another one).
+    name: the dataset to evaluate on (an evaluation config's config.dataset), or None for
+      the pretraining run's.
     encoder_config: the pretraining run's recorded config (models/pretrained.read_config).
 
   Raises:
     As resolve.
   """
-  return resolve(name, data_dir=encoder_config.data_dir, download=encoder_config.download,
+  return resolve(name or encoder_config.dataset, data_dir=encoder_config.data_dir, download=encoder_config.download,
                  crop_size=encoder_config.augment.crop_size, stats=encoder_stats(encoder_config),
                  bad_images=encoder_config.get('bad_images') or 'skip')
 
@@ -243,9 +245,14 @@ def get_builder(tfds_name: str, data_dir: Optional[str],
   return builder
 
 
+def _subject(name: str, what: str) -> str:
+  """How an error message names the dataset value: ``what``, else config.dataset=NAME."""
+  return what or f'config.dataset={name!r}'
+
+
 def _unknown_name_message(name: str, what: str = '') -> str:
   """``what``: how the message names the value (default: config.dataset=NAME)."""
-  what = what or f'config.dataset={name!r}'
+  what = _subject(name, what)
   base = name.split(':')[0].split('/')[0]
   known = sorted(set(DATASETS) | set(tfds.list_builders()))
   close = difflib.get_close_matches(base, known, n=5)
@@ -260,7 +267,7 @@ def check_name(name: str, data_dir: Optional[str], what: str = '') -> None:
 
   ``what`` names the value in the message (default: config.dataset=NAME).
   """
-  what = what or f'config.dataset={name!r}'
+  what = _subject(name, what)
   if name in DATASETS:
     return
   if name.startswith(folders.PREFIX):
@@ -277,7 +284,7 @@ def check_name(name: str, data_dir: Optional[str], what: str = '') -> None:
 
 def _image_and_label(builder, name: str, what: str = ''):
   """The 'image' and 'label' features; ConfigError unless an RGB Image and a ClassLabel."""
-  what = what or f'config.dataset={name!r}'
+  what = _subject(name, what)
   features = builder.info.features
   image = features['image'] if 'image' in features else None
   label = None

@@ -10,7 +10,6 @@ read.
 
 from typing import NamedTuple, Optional
 
-import jax
 import ml_collections
 
 from barlow_jax.data import datasets
@@ -60,7 +59,6 @@ def load(workdir: str, mesh, step: Optional[int] = None,
   """
   config = read_config(workdir, data_overrides)
   model = factory.create_model(config, datasets.num_classes(config))
-  expected = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
-                                                            jax.random.PRNGKey(0)))
+  expected = state_lib.variable_shapes(model, config.augment.crop_size)
   variables, step = checkpoint.restore_variables(workdir, expected, mesh, step)
   return Pretrained(config, model, variables, step)

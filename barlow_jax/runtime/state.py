@@ -38,6 +38,12 @@ def init_variables(model, image_size: int, rng: jax.Array) -> dict:
   return model.init(rng, jnp.zeros((2, image_size, image_size, 3), jnp.float32), train=False)
 
 
+def variable_shapes(model, image_size: int) -> dict:
+  """init_variables' result as shapes and dtypes (jax.ShapeDtypeStruct), nothing computed:
+  the restore target of a checkpoint of ``model``."""
+  return jax.eval_shape(lambda: init_variables(model, image_size, jax.random.PRNGKey(0)))
+
+
 def create_train_state(model, tx, mesh: Mesh, seed: int, image_size: int,
                        variables: Optional[dict] = None) -> TrainState:
   """The initial state of ``model``, replicated over ``mesh``.

@@ -122,7 +122,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
                             {'data_dir': config.data_dir, 'download': config.download})
   source = {'pretrained_workdir': config.pretrained_workdir, 'pretrained_step': int(encoder.step),
             'label_fraction': float(config.label_fraction)}
-  dataset = datasets.for_encoder(config.get('dataset') or encoder.config.dataset, encoder.config)
+  dataset = datasets.for_encoder(config.get('dataset'), encoder.config)
   return supervised.run(supervised_config(config, encoder.config), workdir,
                         init_variables=initial_variables(config, encoder, dataset, mesh),
                         extra_results=source,

@@ -142,7 +142,7 @@ def run(config, workdir: str, allow_config_change: bool = False) -> dict:
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh()
   encoder, description = load_encoder(config, mesh)
-  dataset = datasets.for_encoder(config.get('dataset') or encoder.config.dataset, encoder.config)
+  dataset = datasets.for_encoder(config.get('dataset'), encoder.config)
   test_split = check_splits(config, dataset)
   record_config(config, workdir, allow_config_change)
   scores, classify = probe_dataset(config, encoder, dataset, test_split, workdir, mesh)

@@ -118,8 +118,7 @@ def make_two_view_fn(config, dataset: datasets.Dataset, num_images: int = 256):
   views = [augment.view_from_config(config.augment.view1),
            augment.view_from_config(config.augment.view2)]
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1), 2)
-  abstract = jax.eval_shape(lambda: state_lib.init_variables(model, config.augment.crop_size,
-                                                            jax.random.PRNGKey(0)))
+  abstract = state_lib.variable_shapes(model, config.augment.crop_size)
   abstract = {k: abstract[k] for k in ('params', 'batch_stats')}
   fns = [predict.make_predict_fn(config, model, view, ('embeddings', predict.INPUTS), spec=spec)
          for view in views]
